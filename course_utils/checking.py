@@ -1,0 +1,516 @@
+"""The checking API: ``check``, ``exercises``, ``CheckFailure``, reports, learn and strict mode.
+
+A check battery is a function ``battery(t: Tester)`` registered with ``@exercise``.
+It calls the learner's function through ``t.call`` (which guards inputs, autograd
+and exceptions) and judges outputs with ``t.compare`` (which names the case, the
+quantity, the error, the worst index and any known mistake the output matches).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import html
+import inspect
+import os
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .gradcheck import Comparison, compare
+
+Tensor = torch.Tensor
+
+#: Default tolerances, by dtype: (rtol, atol relative to the expected tensor's scale).
+TOLERANCES = {
+    torch.float64: (1e-7, 1e-10),
+    torch.float32: (2e-4, 2e-6),
+    torch.float16: (2e-2, 1e-3),
+    torch.bfloat16: (2e-2, 1e-2),
+}
+
+
+class CheckFailure(AssertionError):
+    """A learner's function gave a wrong answer; the message says where and how."""
+
+    def _render_traceback_(self) -> list[str]:
+        # IPython calls this instead of printing the checker's own stack frames.
+        return [f"\x1b[31mCheckFailure\x1b[0m: {self}"]
+
+
+class _Pending(Exception):
+    """The learner's function raised NotImplementedError."""
+
+
+class _AutogradUsed(Exception):
+    """A backward exercise called autograd."""
+
+
+@dataclass
+class Row:
+    """One judged quantity in one case."""
+
+    case: str
+    quantity: str
+    max_abs: float | None
+    max_rel: float | None
+    verdict: str
+
+
+@dataclass
+class Report:
+    """What a check found: status ``passed``, ``failed`` or ``pending``, and the rows judged."""
+
+    exercise_id: str
+    status: str
+    rows: list[Row] = field(default_factory=list)
+    seconds: float = 0.0
+    message: str = ""
+
+    @property
+    def passed(self) -> bool:
+        """True when every case passed."""
+        return self.status == "passed"
+
+    def headline(self) -> str:
+        """One line: the exercise, its status and how long the check took."""
+        if self.status == "pending":
+            return f"{self.exercise_id}: not implemented yet (pending). {self.message}".strip()
+        if self.status == "passed":
+            return f"{self.exercise_id}: passed {len(self.rows)} checks in {self.seconds:.2f} s"
+        return f"{self.exercise_id}: FAILED. {self.message}"
+
+    def table(self) -> str:
+        """The rows as a plain-text table."""
+        head = ("case", "quantity", "max abs err", "max rel err", "verdict")
+        body = [
+            (r.case, r.quantity, _fmt(r.max_abs), _fmt(r.max_rel), r.verdict) for r in self.rows
+        ]
+        widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=False)]
+        lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)) for line in [head, *body]]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.headline() if not self.rows else f"{self.headline()}\n{self.table()}"
+
+    __repr__ = __str__
+
+    def _repr_html_(self) -> str:
+        colour = {"passed": "#1a7f37", "failed": "#cf222e", "pending": "#9a6700"}[self.status]
+        head = f'<p style="color:{colour};font-weight:bold">{html.escape(self.headline())}</p>'
+        if not self.rows:
+            return head
+        cells = "".join(
+            f"<tr><td>{html.escape(r.case)}</td><td>{html.escape(r.quantity)}</td>"
+            f"<td>{_fmt(r.max_abs)}</td><td>{_fmt(r.max_rel)}</td><td>{html.escape(r.verdict)}</td></tr>"
+            for r in self.rows
+        )
+        return (
+            f"{head}<details><summary>{len(self.rows)} checks</summary><table>"
+            "<tr><th>case</th><th>quantity</th><th>max abs err</th><th>max rel err</th>"
+            f"<th>verdict</th></tr>{cells}</table></details>"
+        )
+
+
+def _fmt(x: float | None) -> str:
+    return "" if x is None else f"{x:.1e}"
+
+
+@dataclass
+class Exercise:
+    """A registered exercise: its id, chapter, contract signature, battery and reference."""
+
+    id: str
+    chapter: str
+    signature: str
+    summary: str
+    battery: Callable[[Tester], None]
+    reference: Callable[..., Any] | None
+    arg_names: tuple[str, ...]
+    backward: bool = False
+
+
+REGISTRY: dict[str, Exercise] = {}
+_LAST_STATUS: dict[str, str] = {}
+
+
+def exercise(
+    id: str,
+    *,
+    chapter: str,
+    signature: str,
+    summary: str,
+    reference: Callable[..., Any] | None = None,
+    backward: bool = False,
+) -> Callable[[Callable[[Tester], None]], Callable[[Tester], None]]:
+    """Register the decorated function as the check battery of exercise ``id``."""
+
+    def register(battery: Callable[[Tester], None]) -> Callable[[Tester], None]:
+        if id in REGISTRY:
+            raise ValueError(f"exercise {id!r} is registered twice")
+        REGISTRY[id] = Exercise(
+            id, chapter, signature, summary, battery, reference, _arg_names(signature), backward
+        )
+        return battery
+
+    return register
+
+
+def _arg_names(signature: str) -> tuple[str, ...]:
+    inside = signature[signature.index("(") + 1 : signature.index(")")] if "(" in signature else ""
+    names = []
+    for part in inside.split(","):
+        name = part.strip().split("=")[0].split(" ")[0].split(":")[0].strip()
+        if name and name != "*":
+            names.append(name)
+    return tuple(names)
+
+
+def _registry() -> dict[str, Exercise]:
+    from . import checks  # noqa: F401  (importing registers every battery)
+
+    return REGISTRY
+
+
+def get_exercise(exercise_id: str) -> Exercise:
+    """The registered exercise ``exercise_id``; ``KeyError`` naming close matches otherwise."""
+    reg = _registry()
+    if exercise_id not in reg:
+        close = difflib.get_close_matches(str(exercise_id), list(reg), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise KeyError(f"No exercise is called {exercise_id!r}.{hint} cu.exercises() lists them all.")
+    return reg[exercise_id]
+
+
+class ExerciseList(list):
+    """The list of exercises; prints as a table."""
+
+    def __str__(self) -> str:
+        return "\n".join(f"{e.chapter:<38} {e.id}{e.signature}\n{'':<38}   {e.summary}" for e in self)
+
+    __repr__ = __str__
+
+
+def exercises(chapter: str | None = None) -> ExerciseList:
+    """Every exercise (optionally of one chapter, by number or name) with signature and summary."""
+    out = ExerciseList(_registry().values())
+    if chapter is not None:
+        chapter = str(chapter)
+        out = ExerciseList(e for e in out if e.chapter == chapter or e.chapter.split("_")[0] == chapter.zfill(2))
+    return out
+
+
+def strict_mode(strict: bool | None = None) -> bool:
+    """Strict when asked, else when the environment sets COURSE_STRICT=1."""
+    if strict is not None:
+        return bool(strict)
+    return os.environ.get("COURSE_STRICT", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def check(exercise_id: str, fn: Callable[..., Any], *, strict: bool | None = None, seed: int = 0) -> Report:
+    """Run the battery of ``exercise_id`` on ``fn`` and return a Report; raise CheckFailure if wrong."""
+    ex = get_exercise(exercise_id)
+    if not callable(fn):
+        raise CheckFailure(f"{exercise_id}: expected a function (or class), got {type(fn).__name__}.")
+    tester = Tester(ex, fn, seed)
+    start = time.perf_counter()
+    try:
+        with _seeded(seed):
+            ex.battery(tester)
+    except _Pending:
+        _LAST_STATUS[exercise_id] = "pending"
+        if strict_mode(strict):
+            raise CheckFailure(
+                f"{exercise_id} is not implemented yet (it raised NotImplementedError), "
+                "and strict mode (grading, COURSE_STRICT=1) counts that as a failure."
+            ) from None
+        report = Report(exercise_id, "pending", message="Write the function above, then run this cell again.")
+        print(report.headline())
+        return report
+    except CheckFailure as failure:
+        _LAST_STATUS[exercise_id] = "failed"
+        raise CheckFailure(f"{exercise_id}: {failure}") from None
+    _LAST_STATUS[exercise_id] = "passed"
+    return Report(exercise_id, "passed", tester.rows, time.perf_counter() - start)
+
+
+def last_status(exercise_id: str) -> str | None:
+    """The status of the latest check of ``exercise_id`` in this session, or None."""
+    return _LAST_STATUS.get(exercise_id)
+
+
+def learner_or_reference(exercise_id: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` if its latest check passed, else the course's reference (so explore cells always run)."""
+    if _LAST_STATUS.get(exercise_id) == "passed":
+        return fn
+    ref = get_exercise(exercise_id).reference
+    if ref is None:
+        raise KeyError(f"{exercise_id} has no reference implementation")
+    print(f"(Using the course's reference {exercise_id} until yours passes its check.)")
+    return ref
+
+
+def reference(exercise_id: str) -> Callable[..., Any]:
+    """The course's reference implementation of ``exercise_id``."""
+    ref = get_exercise(exercise_id).reference
+    if ref is None:
+        raise KeyError(f"{exercise_id} has no reference implementation")
+    return ref
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    # The learner's own code may draw from the global generator; keep the caller's stream intact.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def _autograd_forbidden() -> Iterator[None]:
+    def refuse(*_args: Any, **_kwargs: Any) -> None:
+        raise _AutogradUsed
+
+    saved = (torch.autograd.backward, torch.autograd.grad, torch.Tensor.backward)
+    torch.autograd.backward = refuse
+    torch.autograd.grad = refuse
+    torch.Tensor.backward = refuse
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        torch.autograd.backward, torch.autograd.grad, torch.Tensor.backward = saved
+
+
+def _describe(x: Any) -> str:
+    if torch.is_tensor(x):
+        return f"a {str(x.dtype).replace('torch.', '')} tensor of shape {tuple(x.shape)}"
+    if x is None:
+        return "None"
+    if isinstance(x, tuple | list):
+        return f"a {type(x).__name__} of length {len(x)}"
+    return f"a {type(x).__module__.split('.')[0]}.{type(x).__name__}" if type(x).__module__ != "builtins" else f"a {type(x).__name__}"
+
+
+def _snapshot(x: Any) -> Any:
+    if torch.is_tensor(x):
+        return x.detach().clone()
+    if isinstance(x, tuple | list):
+        return type(x)(_snapshot(v) for v in x)
+    return x
+
+
+def _unchanged(before: Any, after: Any) -> bool:
+    if torch.is_tensor(before):
+        return before.shape == after.shape and bool(torch.equal(torch.nan_to_num(before), torch.nan_to_num(after.detach())))
+    if isinstance(before, tuple | list):
+        return all(_unchanged(b, a) for b, a in zip(before, after, strict=True))
+    return True
+
+
+def _learner_line(tb: Any) -> str:
+    frames = [
+        f
+        for f in traceback.extract_tb(tb)
+        if "course_utils" not in f.filename and "site-packages" not in f.filename and "/lib/python" not in f.filename
+    ]
+    if not frames:
+        return ""
+    f = frames[-1]
+    code = (f.line or "").strip()
+    return f" (in {f.name}, line {f.lineno}: `{code}`)" if code else f" (in {f.name}, line {f.lineno})"
+
+
+class Tester:
+    """What a battery uses to call the learner's function and judge what it returns."""
+
+    def __init__(self, ex: Exercise, fn: Callable[..., Any], seed: int) -> None:
+        self.exercise = ex
+        self.fn = fn
+        self.seed = seed
+        self.rows: list[Row] = []
+        self.gen = torch.Generator().manual_seed(seed)
+
+    # ---- making inputs -------------------------------------------------------------
+    def randn(self, *shape: int, dtype: torch.dtype = torch.float64, scale: float = 1.0) -> Tensor:
+        """Standard normal numbers from the check's own seeded generator."""
+        return torch.randn(*shape, generator=self.gen, dtype=torch.float64).mul_(scale).to(dtype)
+
+    def randint(self, high: int, *shape: int) -> Tensor:
+        """Integers in [0, high) from the check's own seeded generator."""
+        return torch.randint(0, high, shape, generator=self.gen)
+
+    def rand(self, *shape: int, dtype: torch.dtype = torch.float64) -> Tensor:
+        """Uniform numbers in [0, 1) from the check's own seeded generator."""
+        return torch.rand(*shape, generator=self.gen, dtype=torch.float64).to(dtype)
+
+    # ---- calling the learner's function ---------------------------------------------
+    def call(self, case: str, *args: Any, fn: Callable[..., Any] | None = None, **kwargs: Any) -> Any:
+        """Call the learner's function on ``args``; guard inputs, autograd and exceptions."""
+        fn = self.fn if fn is None else fn
+        before = [_snapshot(a) for a in args]
+        before_kw = {k: _snapshot(v) for k, v in kwargs.items()}
+        guard = _autograd_forbidden() if self.exercise.backward else contextlib.nullcontext()
+        name = getattr(fn, "__name__", self.exercise.id)
+        try:
+            with guard:
+                out = fn(*args, **kwargs)
+        except NotImplementedError:
+            raise _Pending from None
+        except _AutogradUsed:
+            raise CheckFailure(
+                f"in case {case}, {name} called autograd (.backward() or torch.autograd.grad); "
+                "this exercise asks you to derive the gradient by hand."
+            ) from None
+        except CheckFailure:
+            raise
+        except Exception as err:  # noqa: BLE001 - any learner error becomes one sentence
+            where = _learner_line(err.__traceback__)
+            text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            hint = ""
+            if self.exercise.backward and "does not require grad" in text:
+                hint = " It looks like it used autograd; derive the gradient by hand instead."
+            elif "must match the size" in text:
+                hint = " A reduction (max, sum, mean) without keepdim=True often causes this."
+            raise CheckFailure(
+                f"in case {case}, {name} raised {type(err).__name__}: {text}{where}.{hint}"
+            ) from None
+        names = self.exercise.arg_names
+        for i, (b, a) in enumerate(zip(before, args, strict=True)):
+            if not _unchanged(b, a):
+                arg = names[i] if i < len(names) else f"argument {i + 1}"
+                raise CheckFailure(
+                    f"in case {case}, {name} changed its input `{arg}` in place. Build new tensors "
+                    "instead (for example `x = x - m` rather than `x -= m`)."
+                )
+        for k, b in before_kw.items():
+            if not _unchanged(b, kwargs[k]):
+                raise CheckFailure(f"in case {case}, {name} changed its input `{k}` in place.")
+        return out
+
+    # ---- judging outputs -------------------------------------------------------------
+    def fail(self, case: str, message: str) -> None:
+        """Fail the check with a message about ``case``."""
+        raise CheckFailure(f"in case {case}, {message}")
+
+    def ok(self, case: str, quantity: str, note: str = "ok") -> None:
+        """Record a passed property test (no error numbers)."""
+        self.rows.append(Row(case, quantity, None, None, note))
+
+    def unpack(self, case: str, out: Any, names: Sequence[str]) -> tuple[Any, ...]:
+        """Check that ``out`` is a tuple of ``len(names)`` things and return it."""
+        if not isinstance(out, tuple | list) or len(out) != len(names):
+            self.fail(case, f"expected a tuple ({', '.join(names)}), but the function returned {_describe(out)}.")
+        return tuple(out)
+
+    def expect_tensor(
+        self,
+        case: str,
+        quantity: str,
+        got: Any,
+        *,
+        shape: Sequence[int] | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = "cpu",
+    ) -> Tensor:
+        """Check type, shape, dtype and device of one output; return it."""
+        want = []
+        if shape is not None:
+            want.append(f"shape {tuple(shape)}")
+        if dtype is not None:
+            want.append(f"dtype {str(dtype).replace('torch.', '')}")
+        wanted = f"a tensor of {' and '.join(want)}" if want else "a tensor"
+        if not torch.is_tensor(got):
+            self.fail(case, f"`{quantity}` should be {wanted}, but it is {_describe(got)}.")
+        if shape is not None and tuple(got.shape) != tuple(shape):
+            self.fail(case, f"`{quantity}` should have shape {tuple(shape)}, but it has shape {tuple(got.shape)}.")
+        if dtype is not None and got.dtype != dtype:
+            self.fail(
+                case,
+                f"`{quantity}` should have dtype {str(dtype).replace('torch.', '')} (the dtype of the inputs), "
+                f"but it has dtype {str(got.dtype).replace('torch.', '')}.",
+            )
+        if device is not None and got.device != torch.device(device):
+            self.fail(case, f"`{quantity}` should be on {device}, but it is on {got.device}.")
+        return got
+
+    def tolerances(self, dtype: torch.dtype, scale: float = 1.0) -> tuple[float, float]:
+        """Default (rtol, atol) for ``dtype``, atol scaled by ``scale``."""
+        rtol, atol = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
+        return rtol, atol * max(scale, 1.0)
+
+    def compare(
+        self,
+        case: str,
+        quantity: str,
+        got: Any,
+        expected: Tensor,
+        *,
+        rtol: float | None = None,
+        atol: float | None = None,
+        mistakes: Sequence[tuple[str, Any]] = (),
+        dtype: torch.dtype | None = None,
+        generic_hints: bool = True,
+    ) -> Comparison:
+        """Judge ``got`` against ``expected``; on failure name the worst index and any known mistake.
+
+        ``mistakes`` pairs a sentence with what a mistaken implementation would return
+        (a tensor, or a callable making one lazily); if ``got`` matches it, the sentence
+        is part of the failure message.
+        """
+        dtype = expected.dtype if dtype is None else dtype
+        got = self.expect_tensor(case, quantity, got, shape=expected.shape, dtype=dtype)
+        scale = float(expected.detach().abs().max()) if expected.numel() and torch.isfinite(expected).all() else 1.0
+        d_rtol, d_atol = self.tolerances(dtype, scale)
+        rtol = d_rtol if rtol is None else rtol
+        atol = d_atol if atol is None else atol
+        result = compare(got, expected, rtol, atol)
+        if result.ok:
+            self.rows.append(Row(case, quantity, result.max_abs, result.max_rel, "ok"))
+            return result
+        diagnosis = self._diagnose(got, expected, rtol, atol, mistakes, generic_hints)
+        where = f" at index {result.worst_index}" if result.worst_index else ""
+        msg = (
+            f"`{quantity}` is wrong: max relative error {result.max_rel:.2e}{where} "
+            f"(got {result.actual_value:.6g}, expected {result.expected_value:.6g})."
+        )
+        self.fail(case, msg + (f" {diagnosis}" if diagnosis else ""))
+        raise AssertionError  # unreachable; fail() raised
+
+    def _diagnose(
+        self,
+        got: Tensor,
+        expected: Tensor,
+        rtol: float,
+        atol: float,
+        mistakes: Sequence[tuple[str, Any]],
+        generic: bool,
+    ) -> str:
+        for sentence, alt in mistakes:
+            try:
+                alt_t = alt() if callable(alt) else alt
+            except Exception:  # noqa: BLE001 - a mistake model that cannot run does not match
+                continue
+            if torch.is_tensor(alt_t) and alt_t.shape == got.shape:
+                if compare(got, alt_t.to(got.dtype), max(rtol, 1e-6), atol * 10).ok:
+                    return f"It looks like {sentence}"
+        if not generic:
+            return ""
+        g, e = got.detach().double(), expected.detach().double()
+        if not torch.isfinite(g).all() and torch.isfinite(e).all():
+            return "The output has NaN or inf where the true values are finite: look for an overflow (exp of a large number) or log(0)."
+        if compare(g, -e, rtol, atol).ok:
+            return "It looks like the sign is flipped."
+        denom = (e * e).sum()
+        if float(denom) > 0:
+            k = float((g * e).sum() / denom)
+            if abs(k) > 1e-12 and abs(k - 1) > 1e-3 and compare(g, k * e, rtol * 10, atol * 10).ok:
+                return f"It is off by a constant factor of {k:.4g} everywhere (a missing or extra scale, such as 1/N)."
+        if g.dim() == 2 and g.shape[0] == g.shape[1] and compare(g, e.T, rtol, atol).ok:
+            return "It looks transposed."
+        return ""

@@ -1,0 +1,156 @@
+"""Numerical gradients and error measures: the course's gradient checker.
+
+Chapter 00 derives everything here; every check battery uses it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def numerical_gradient(
+    f: Callable[..., Tensor],
+    inputs: Sequence[Tensor],
+    dout: Tensor | None = None,
+    *,
+    eps: float = 1e-6,
+    wrt: Sequence[int] | None = None,
+) -> list[Tensor | None]:
+    """Central-difference gradient of ``sum(f(*inputs) * dout)`` w.r.t. each input.
+
+    ``dout`` defaults to ones (so a scalar ``f`` gets its plain gradient). Inputs
+    are copied to float64 first; the caller's tensors are never modified. Returns
+    one tensor per input (shape of that input), or None for inputs not in ``wrt``.
+    """
+    xs = [x.detach().to(torch.float64).clone() if torch.is_tensor(x) else x for x in inputs]
+    wrt = range(len(xs)) if wrt is None else wrt
+    with torch.no_grad():
+        out0 = f(*xs)
+        weights = torch.ones_like(out0) if dout is None else dout.detach().to(torch.float64)
+
+        def objective() -> float:
+            return float((f(*xs).to(torch.float64) * weights).sum())
+
+        grads: list[Tensor | None] = [None] * len(xs)
+        for k in wrt:
+            x = xs[k]
+            g = torch.zeros_like(x)
+            flat_x, flat_g = x.view(-1), g.view(-1)
+            for i in range(flat_x.numel()):
+                old = float(flat_x[i])
+                flat_x[i] = old + eps
+                plus = objective()
+                flat_x[i] = old - eps
+                minus = objective()
+                flat_x[i] = old  # restore before the next coordinate
+                flat_g[i] = (plus - minus) / (2 * eps)
+            grads[k] = g
+    return grads
+
+
+def relative_error(actual: Tensor, expected: Tensor, floor: float | None = None) -> Tensor:
+    """Elementwise ``|a - e| / max(|a|, |e|, floor)``.
+
+    A bare ``|a - e| / |e|`` explodes where the true value is near zero, so the
+    denominator never drops below ``floor``, by default 1e-3 times the largest
+    magnitude in either tensor: an entry 1e-12 off a true zero is then not an error,
+    while an entry of the tensor's own size that is wrong still counts fully.
+    """
+    a = actual.detach().to(torch.float64)
+    e = expected.detach().to(torch.float64)
+    diff = (a - e).abs()
+    finite = torch.isfinite(a) & torch.isfinite(e)
+    scale = max(
+        float(a[finite].abs().max()) if finite.any() else 0.0,
+        float(e[finite].abs().max()) if finite.any() else 0.0,
+    )
+    if floor is None:
+        floor = 1e-3 * scale
+    floor = max(floor, 1e-300)
+    denom = torch.maximum(torch.maximum(a.abs(), e.abs()), torch.tensor(floor, dtype=torch.float64))
+    rel = diff / denom
+    # NaN/inf where the expected value is finite is as wrong as it gets.
+    same_nonfinite = (a == e) & ~finite
+    rel = torch.where(same_nonfinite, torch.zeros_like(rel), rel)
+    return torch.where(torch.isnan(rel), torch.full_like(rel, float("inf")), rel)
+
+
+@dataclass
+class Comparison:
+    """How far ``actual`` is from ``expected``, and where it is worst."""
+
+    ok: bool
+    max_abs: float
+    max_rel: float
+    worst_index: tuple[int, ...]
+    actual_value: float
+    expected_value: float
+
+
+def compare(actual: Tensor, expected: Tensor, rtol: float, atol: float) -> Comparison:
+    """Judge ``actual`` against ``expected`` as ``|a - e| <= atol + rtol * |e|`` everywhere.
+
+    Shapes must already agree. The worst index is where the tolerance is exceeded
+    the most (ties go to the first in row-major order).
+    """
+    a = actual.detach().to(torch.float64)
+    e = expected.detach().to(torch.float64)
+    diff = (a - e).abs()
+    both_same = (a == e) | (torch.isnan(a) & torch.isnan(e))
+    diff = torch.where(both_same, torch.zeros_like(diff), diff)
+    diff = torch.where(torch.isnan(diff), torch.full_like(diff, float("inf")), diff)
+    if a.numel() == 0:
+        return Comparison(True, 0.0, 0.0, (), 0.0, 0.0)
+    excess = diff / (atol + rtol * e.abs())
+    excess = torch.where(torch.isnan(excess), torch.full_like(excess, float("inf")), excess)
+    flat = int(torch.argmax(excess.reshape(-1)))
+    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), a.shape)) if a.dim() else ()
+    rel = relative_error(a, e)
+    return Comparison(
+        ok=bool((excess <= 1.0).all()),
+        max_abs=float(diff.max()),
+        max_rel=float(rel.max()),
+        worst_index=idx,
+        actual_value=float(a.reshape(-1)[flat]),
+        expected_value=float(e.reshape(-1)[flat]),
+    )
+
+
+def check_gradients(
+    f: Callable[..., Tensor],
+    inputs: Sequence[Tensor],
+    analytic: Sequence[Tensor],
+    dout: Tensor | None = None,
+    *,
+    eps: float = 1e-6,
+    rtol: float = 1e-5,
+    atol: float = 1e-8,
+) -> list[Comparison]:
+    """Compare analytic gradients with central differences of ``f``; one Comparison per input."""
+    numeric = numerical_gradient(f, inputs, dout, eps=eps)
+    return [compare(a, n, rtol, atol) for a, n in zip(analytic, numeric, strict=True)]
+
+
+def gradcheck_function(fn: Callable[..., Tensor], *inputs: Tensor, **kwargs) -> bool:
+    """Run ``torch.autograd.gradcheck`` on float64 copies of ``inputs`` and say plainly why it fails.
+
+    ``fn`` may be an ``autograd.Function`` subclass (its ``apply`` is used) or any callable.
+    Returns True on success and raises ``AssertionError`` with a one-paragraph reason otherwise.
+    """
+    call = fn.apply if isinstance(fn, type) and issubclass(fn, torch.autograd.Function) else fn
+    xs = tuple(
+        x.detach().to(torch.float64).requires_grad_(x.is_floating_point()) if torch.is_tensor(x) else x
+        for x in inputs
+    )
+    try:
+        return torch.autograd.gradcheck(call, xs, **kwargs)
+    except torch.autograd.gradcheck.GradcheckError as err:
+        first = str(err).strip().splitlines()[0]
+        raise AssertionError(
+            f"The backward of {getattr(fn, '__name__', fn)} disagrees with finite differences: {first}"
+        ) from None
