@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import html
-import inspect
 import os
 import time
 import traceback
@@ -328,6 +327,8 @@ def _learner_line(tb: Any) -> str:
 
 class Tester:
     """What a battery uses to call the learner's function and judge what it returns."""
+
+    __test__ = False  # not a pytest test class, despite its name
 
     def __init__(self, ex: Exercise, fn: Callable[..., Any], seed: int) -> None:
         self.exercise = ex

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.gradcheck import GradcheckError
 
 Tensor = torch.Tensor
 
@@ -149,7 +150,7 @@ def gradcheck_function(fn: Callable[..., Tensor], *inputs: Tensor, **kwargs) -> 
     )
     try:
         return torch.autograd.gradcheck(call, xs, **kwargs)
-    except torch.autograd.gradcheck.GradcheckError as err:
+    except GradcheckError as err:
         first = str(err).strip().splitlines()[0]
         raise AssertionError(
             f"The backward of {getattr(fn, '__name__', fn)} disagrees with finite differences: {first}"
