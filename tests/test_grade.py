@@ -1,0 +1,230 @@
+"""course_utils.grade: notebooks graded by what they define, in a kernel that cannot hurt the batch."""
+
+from __future__ import annotations
+
+import csv
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+from course_utils import build, grade
+
+CHAPTER = "01_logits_softmax_cross_entropy"
+# A chapter may gain exercises, never lose these; the tests follow the registry.
+IDS = [e.id for e in grade.chapter_exercises(CHAPTER)]
+
+IMPORTS = "import torch\nimport course_utils as cu"
+SOFTMAX = '''def softmax(logits, dim=-1):
+    """Stable softmax along dim."""
+    shifted = logits - logits.amax(dim=dim, keepdim=True)
+    e = shifted.exp()
+    return e / e.sum(dim=dim, keepdim=True)'''
+# The other exercises bind the course's references: a correct notebook without pages of code.
+OTHERS = "\n".join(f'{name} = cu.reference("{name}")' for name in IDS if name != "softmax")
+
+
+def notebook(*sources: str, chapter: str | None = CHAPTER) -> nbformat.NotebookNode:
+    """A notebook of code cells (a source starting with '#md ' is a markdown cell)."""
+    cells = [
+        new_markdown_cell(s[4:]) if s.startswith("#md ") else new_code_cell(s) for s in sources
+    ]
+    nb = new_notebook(cells=cells)
+    if chapter:
+        nb.metadata["course"] = {"chapter": chapter}
+    return nb
+
+
+def write(path: Path, nb: nbformat.NotebookNode) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+    return path
+
+
+def snapshot(folder: Path) -> dict[Path, tuple[bytes, int]]:
+    return {
+        p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def by_exercise(result: grade.NotebookResult) -> dict[str, str]:
+    return {row["exercise"]: row["status"] for row in result.rows}
+
+
+# ---- grade_namespace and chapter_of: in this process, no kernel ------------------------------
+
+
+def test_grade_namespace_statuses_and_never_raises() -> None:
+    namespace: dict = {}
+    exec(f"{IMPORTS}\n{SOFTMAX}", namespace)
+    [row] = grade.grade_namespace(CHAPTER, namespace, exercise="softmax")
+    assert row["status"] == "passed" and row["seconds"] >= 0
+
+    def stub(logits, dim=-1):
+        raise NotImplementedError("softmax: write it")
+
+    def wrong(logits, dim=-1):
+        return logits.exp() / logits.exp().sum(dim, keepdim=True)
+
+    def leaves(logits, dim=-1):
+        sys.exit(3)
+
+    assert (
+        grade.grade_namespace(CHAPTER, {"softmax": stub}, exercise="softmax")[0]["status"]
+        == "pending"
+    )
+    [failed] = grade.grade_namespace(CHAPTER, {"softmax": wrong}, exercise="softmax")
+    assert failed["status"] == "failed" and "\n" not in failed["message"]
+    assert not failed["message"].startswith("softmax:"), "the exercise column already names it"
+    [left] = grade.grade_namespace(CHAPTER, {"softmax": leaves}, exercise="softmax")
+    assert left["status"] == "failed"
+    rows = grade.grade_namespace(CHAPTER, {})
+    assert [r["exercise"] for r in rows] == IDS and {r["status"] for r in rows} == {"missing"}
+    assert grade.grade_namespace("99_nope", {})[0]["status"] == "missing chapter"
+
+
+def test_chapter_of_metadata_then_file_prefix() -> None:
+    assert grade.chapter_of(notebook(), "whatever.ipynb") == CHAPTER
+    assert grade.chapter_of(notebook(chapter=None), "01_my_work.ipynb") == CHAPTER
+    assert grade.chapter_of(notebook(chapter=None), f"{CHAPTER}.ipynb") == CHAPTER
+    assert grade.chapter_of(notebook(chapter="77_unknown"), "homework.ipynb") is None
+    assert grade.chapter_of(notebook(chapter=None), "99_x.ipynb") is None
+
+
+def test_grade_dir_needs_notebooks(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no notebooks"):
+        grade.grade_dir(tmp_path, tmp_path / "g.csv")
+    with pytest.raises(FileNotFoundError):
+        grade.grade_dir(tmp_path / "missing", tmp_path / "g.csv")
+
+
+# ---- one batch of real submissions, executed once for the tests below ------------------------
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Grade a class: correct, stubbed, rearranged, crashing, malformed and chapterless notebooks."""
+    root = tmp_path_factory.mktemp("grading")
+    subs = root / "submissions"
+    name = f"{CHAPTER}.ipynb"
+    write(subs / "alice" / name, notebook(IMPORTS, SOFTMAX, 'cu.check("softmax", softmax)', OTHERS))
+    write(subs / "alice" / ".ipynb_checkpoints" / name, notebook("raise SystemExit"))
+    # bob's notebook is what `course build` gives a learner: every exercise a stub.
+    solution = notebook(
+        IMPORTS, SOFTMAX.replace('."""', '."""\n    ### BEGIN SOLUTION') + "\n    ### END SOLUTION"
+    )
+    write(
+        subs / "bob" / name, build.student_notebook(solution, chapter=CHAPTER, generated_from="s")
+    )
+    # carol split, reordered, deleted and added cells; a wrong softmax comes first, then the right one.
+    write(
+        subs / "carol" / "my_copy.ipynb",
+        notebook(
+            "#md my notes",
+            "def softmax(logits, dim=-1):\n    return logits",
+            "import torch",
+            "import course_utils as cu",
+            "1 / 0",
+            SOFTMAX,
+            OTHERS,
+            "#md the end",
+        ),
+    )
+    write(subs / "dave" / name, notebook(IMPORTS, SOFTMAX, "import os\nos._exit(1)", OTHERS))
+    (subs / "erin").mkdir()
+    (subs / "erin" / name).write_text('{"cells": [}')
+    write(subs / "frank.ipynb", notebook(IMPORTS, SOFTMAX, chapter=None))
+    before = snapshot(subs)
+    results = grade.grade_dir(subs, root / "out" / "grades.csv", timeout=240, jobs=2, quiet=True)
+    return {
+        "root": root,
+        "subs": subs,
+        "before": before,
+        "results": {r.student: r for r in results},
+    }
+
+
+@pytest.mark.slow
+def test_correct_notebook_passes(batch: dict) -> None:
+    alice = batch["results"]["alice"]
+    assert alice.status == "graded" and alice.passed, alice.rows
+    assert [r["exercise"] for r in alice.rows] == IDS
+    assert set(batch["results"]) == {"alice", "bob", "carol", "dave", "erin", "frank"}, (
+        "checkpoints skipped"
+    )
+
+
+@pytest.mark.slow
+def test_stub_notebook_fails_in_strict_mode(batch: dict) -> None:
+    bob = batch["results"]["bob"]
+    assert not bob.passed
+    assert by_exercise(bob) == {i: "pending" if i == "softmax" else "missing" for i in IDS}
+    assert "not implemented yet" in bob.rows[IDS.index("softmax")]["message"]
+
+
+@pytest.mark.slow
+def test_rearranged_notebook_is_graded_like_the_original(batch: dict) -> None:
+    results = batch["results"]
+    assert by_exercise(results["carol"]) == by_exercise(results["alice"])
+    assert (
+        results["carol"].chapter == CHAPTER and results["carol"].notebook == "carol/my_copy.ipynb"
+    )
+
+
+@pytest.mark.slow
+def test_notebook_level_problems(batch: dict) -> None:
+    dave, erin, frank = (batch["results"][s] for s in ("dave", "erin", "frank"))
+    assert dave.status == "crashed" and by_exercise(dave) == {i: "crashed" for i in IDS}
+    assert "cell 3" in dave.message and "os._exit" in dave.message
+    assert erin.status == "malformed" and [r["exercise"] for r in erin.rows] == ["*"]
+    assert "invalid JSON" in erin.message
+    assert frank.status == "missing chapter" and frank.rows[0]["exercise"] == "*"
+
+
+@pytest.mark.slow
+def test_csv_and_junit_are_written(batch: dict) -> None:
+    out = batch["root"] / "out"
+    with (out / "grades.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == list(grade.CSV_FIELDS)
+    assert {(r["student"], r["exercise"], r["status"]) for r in rows} >= {
+        ("alice", "softmax", "passed"),
+        ("bob", "softmax", "pending"),
+        ("erin", "*", "malformed"),
+        ("frank", "*", "missing chapter"),
+    }
+    assert len(rows) == sum(len(r.rows) for r in batch["results"].values())
+    suites = ET.parse(out / "grades.xml").getroot()
+    assert len(suites.findall("testsuite")) == 6
+    alice = next(s for s in suites if s.get("name") == f"alice/{CHAPTER}.ipynb")
+    assert alice.get("failures") == "0" and len(alice.findall("testcase")) == len(IDS)
+    failures = suites.findall(".//failure")
+    assert {f.get("type") for f in failures} == {
+        "pending",
+        "missing",
+        "crashed",
+        "malformed",
+        "missing chapter",
+    }
+
+
+@pytest.mark.slow
+def test_submissions_are_left_untouched(batch: dict) -> None:
+    assert snapshot(batch["subs"]) == batch["before"]
+
+
+@pytest.mark.slow
+def test_endless_loop_times_out_and_the_batch_goes_on(tmp_path: Path) -> None:
+    subs = tmp_path / "subs"
+    write(subs / "hank" / f"{CHAPTER}.ipynb", notebook(IMPORTS, "while True:\n    pass"))
+    (subs / "ivy").mkdir()
+    (subs / "ivy" / "01_x.ipynb").write_text("not json")
+    results = grade.grade_dir(subs, tmp_path / "g.csv", tmp_path / "j.xml", timeout=8, quiet=True)
+    hank, ivy = results
+    assert hank.status == "timeout" and by_exercise(hank) == {i: "timeout" for i in IDS}
+    assert 8 <= hank.seconds < 30
+    assert ivy.status == "malformed"
+    assert (tmp_path / "j.xml").exists() and not (tmp_path / "g.xml").exists()

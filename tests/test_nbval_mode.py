@@ -1,0 +1,61 @@
+"""course_utils.nbval_mode: the kernel of a solutions/ notebook is strict, of a course/ one is not."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_notebook
+
+from course_utils.nbval_mode import strict_value
+
+
+def test_strict_value_by_nearest_folder() -> None:
+    assert strict_value(Path("repo/solutions/01_x.ipynb")) == "1"
+    assert strict_value(Path("repo/course/01_x.ipynb")) == "0"
+    assert strict_value(Path("course/solutions/01_x.ipynb")) == "1"
+    assert strict_value(Path("repo/tests/test_x.py")) is None
+    assert strict_value(Path("repo/notes/01_x.ipynb")) is None
+
+
+@pytest.mark.slow
+def test_kernels_see_the_mode_and_other_tests_do_not(tmp_path: Path) -> None:
+    for folder, want in (("solutions", "1"), ("course", "0")):
+        source = (
+            "import os\n"
+            f"assert os.environ.get('COURSE_STRICT') == {want!r}, os.environ.get('COURSE_STRICT')\n"
+            "assert os.environ.get('MPLBACKEND') == 'Agg'"
+        )
+        (tmp_path / folder).mkdir()
+        nbformat.write(
+            new_notebook(cells=[new_code_cell(source)]), tmp_path / folder / "01_x.ipynb"
+        )
+    (tmp_path / "test_after.py").write_text(
+        "import os\n\ndef test_env_restored():\n    assert 'COURSE_STRICT' not in os.environ\n"
+    )
+    # Its own folder as rootdir, so the repository's addopts (-n 2, testpaths) do not apply.
+    env = {k: v for k, v in os.environ.items() if k not in ("COURSE_STRICT", "MPLBACKEND")}
+    plugins = ["-p", "course_utils.nbval_mode", "-p", "no:cacheprovider", "-p", "no:xdist"]
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            *plugins,
+            "--nbval-lax",
+            "solutions",
+            "course",
+            "test_after.py",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "3 passed" in done.stdout
