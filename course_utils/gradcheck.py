@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.autograd.gradcheck import GradcheckError
 
@@ -110,7 +111,8 @@ def compare(actual: Tensor, expected: Tensor, rtol: float, atol: float) -> Compa
     excess = diff / (atol + rtol * e.abs())
     excess = torch.where(torch.isnan(excess), torch.full_like(excess, float("inf")), excess)
     flat = int(torch.argmax(excess.reshape(-1)))
-    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), a.shape)) if a.dim() else ()
+    # numpy's unravel_index: torch's imports sympy on first use, seconds of start-up in a check.
+    idx = tuple(int(i) for i in np.unravel_index(flat, tuple(a.shape))) if a.dim() else ()
     rel = relative_error(a, e)
     return Comparison(
         ok=bool((excess <= 1.0).all()),
@@ -151,7 +153,9 @@ def gradcheck_function(fn: Callable[..., Tensor], *inputs: Tensor, **kwargs) -> 
     try:
         return torch.autograd.gradcheck(call, xs, **kwargs)
     except GradcheckError as err:
-        first = str(err).strip().splitlines()[0]
+        # PyTorch's message spreads the two Jacobians over many lines; keep it to one.
+        detail = " ".join(str(err).split())
+        detail = detail if len(detail) <= 400 else detail[:400] + " ..."
         raise AssertionError(
-            f"The backward of {getattr(fn, '__name__', fn)} disagrees with finite differences: {first}"
+            f"The backward of {getattr(fn, '__name__', fn)} disagrees with finite differences: {detail}"
         ) from None
