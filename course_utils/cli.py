@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib
 import os
 import signal
 import sys
@@ -11,7 +12,22 @@ import threading
 from pathlib import Path
 from typing import NoReturn
 
-from . import __version__, build, grade
+from . import __version__
+
+
+class _OnFirstUse:
+    """A submodule imported when first touched: `course --help` must not wait for torch."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        return getattr(importlib.import_module(f"course_utils.{self._name}"), attr)
+
+
+build = _OnFirstUse("build")
+grade = _OnFirstUse("grade")
+DEFAULT_TIMEOUT = 600.0  # seconds per notebook; the same default as grade.DEFAULT_TIMEOUT
 
 
 class UsageError(Exception):
@@ -59,7 +75,7 @@ def _parser() -> _Parser:
     p.add_argument(
         "--timeout",
         type=_positive,
-        default=grade.DEFAULT_TIMEOUT,
+        default=DEFAULT_TIMEOUT,
         metavar="S",
         help="seconds for the whole notebook",
     )
@@ -78,7 +94,7 @@ def _parser() -> _Parser:
     p.add_argument(
         "--timeout",
         type=_positive,
-        default=grade.DEFAULT_TIMEOUT,
+        default=DEFAULT_TIMEOUT,
         metavar="S",
         help="seconds per notebook",
     )
@@ -103,7 +119,7 @@ def _parser() -> _Parser:
     p.add_argument(
         "--timeout",
         type=_positive,
-        default=grade.DEFAULT_TIMEOUT,
+        default=DEFAULT_TIMEOUT,
         metavar="S",
         help="seconds per notebook",
     )
