@@ -1114,8 +1114,10 @@ def test_exercises_of_chapter_05_are_registered():
     assert listed == {
         "conv_param_count": "(in_channels, out_channels, kernel_size, bias=True, groups=1) -> int",
         "receptive_field": "(layers: list of (kernel_size, stride) pairs, input side first) -> int",
-        "residual_block": "(in_channels, out_channels, stride=1) -> nn.Module",
-        "dense_block": "(in_channels, growth_rate, num_layers) -> nn.Module",
+        "residual_block": "class ResidualBlock(nn.Module): __init__(in_channels, out_channels, stride=1), "
+        "forward(x (N,C_in,H,W)) -> (N,C_out,(H-1)//stride+1,(W-1)//stride+1)",
+        "dense_block": "class DenseBlock(nn.Module): __init__(in_channels, growth_rate, num_layers), "
+        "forward(x (N,C,H,W)) -> (N,C+num_layers*growth_rate,H,W)",
     }
     assert all(e.chapter == ch05.CHAPTER == "05_cnn_architectures" for e in cu.exercises("05"))
 

@@ -816,7 +816,8 @@ def _vjp(x: Tensor, p: dict[str, Any], stride: int, variant: str, dout: Tensor) 
 @exercise(
     "residual_block",
     chapter=CHAPTER,
-    signature="(in_channels, out_channels, stride=1) -> nn.Module",
+    signature="class ResidualBlock(nn.Module): __init__(in_channels, out_channels, stride=1), "
+    "forward(x (N,C_in,H,W)) -> (N,C_out,(H-1)//stride+1,(W-1)//stride+1)",
     summary="class ResidualBlock: ReLU(bn2(conv2(ReLU(bn1(conv1(x))))) + shortcut(x)), 1x1 projection "
     "shortcut when the shape changes",
     reference=RefResidualBlock,
@@ -1018,7 +1019,8 @@ def _check_dense_case(
 @exercise(
     "dense_block",
     chapter=CHAPTER,
-    signature="(in_channels, growth_rate, num_layers) -> nn.Module",
+    signature="class DenseBlock(nn.Module): __init__(in_channels, growth_rate, num_layers), "
+    "forward(x (N,C,H,W)) -> (N,C+num_layers*growth_rate,H,W)",
     summary="class DenseBlock: layer l is BN-ReLU-conv3x3 from in + l*k to k channels; output is the "
     "concatenation [x, all new features], in + L*k channels",
     reference=RefDenseBlock,
