@@ -1,0 +1,912 @@
+"""Check batteries of chapter 06: BatchNorm forward and backward, LayerNorm, RMSNorm.
+
+Also holds the chapter's small SyncBatchNorm demonstration (`sync_batchnorm_statistics`),
+because ``torch.multiprocessing.spawn`` needs its worker function importable by name.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checking import Tester, exercise
+from ..gradcheck import numerical_gradient
+
+CHAPTER = "06_normalization"
+Tensor = torch.Tensor
+
+
+# ---- reference implementations ---------------------------------------------------------
+def _stat_dims(x: Tensor) -> tuple[int, ...]:
+    # every dim but the channel dim 1: (0,) for (N, C), (0, 2, 3) for (N, C, H, W)
+    return tuple(d for d in range(x.dim()) if d != 1)
+
+
+def _per_channel(v: Tensor, x: Tensor) -> Tensor:
+    # (C,) -> (1, C, 1, ...) so it broadcasts against x
+    return v.reshape((1, -1) + (1,) * (x.dim() - 2))
+
+
+def ref_batchnorm_forward(
+    x: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    training: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """BatchNorm over every dim but 1; returns (out, new_running_mean, new_running_var)."""
+    dims = _stat_dims(x)
+    if training:
+        m = x.numel() // x.shape[1]
+        mean = x.mean(dims)  # (C,)
+        var = x.var(dims, unbiased=False)  # (C,) biased: used to normalise
+        new_mean = (1 - momentum) * running_mean + momentum * mean
+        new_var = (1 - momentum) * running_var + momentum * var * m / (m - 1)
+    else:
+        mean, var = running_mean, running_var
+        new_mean, new_var = running_mean.clone(), running_var.clone()
+    xhat = (x - _per_channel(mean, x)) / torch.sqrt(_per_channel(var, x) + eps)
+    return _per_channel(gamma, x) * xhat + _per_channel(beta, x), new_mean, new_var
+
+
+def ref_batchnorm_backward(
+    dout: Tensor, x: Tensor, gamma: Tensor, eps: float = 1e-5
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Training-mode BatchNorm backward in the compact form; returns (dx, dgamma, dbeta)."""
+    return _bn_backward(dout, x, gamma, eps)
+
+
+def _bn_backward(
+    dout: Tensor,
+    x: Tensor,
+    gamma: Tensor,
+    eps: float,
+    *,
+    unbiased: bool = False,
+    count: int | None = None,
+    mean_term: bool = True,
+    var_term: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    # The keyword options build the mistaken versions the battery names.
+    dims = _stat_dims(x)
+    m = x.numel() // x.shape[1] if count is None else count
+    mean = x.mean(dims, keepdim=True)
+    var = x.var(dims, unbiased=unbiased, keepdim=True)
+    rstd = 1 / torch.sqrt(var + eps)
+    xhat = (x - mean) * rstd
+    dbeta = dout.sum(dims)
+    dgamma = (dout * xhat).sum(dims)
+    g = _per_channel(gamma, x)
+    dx = dout * 1.0
+    if mean_term:
+        dx = dx - _per_channel(dbeta, x) / m
+    if var_term:
+        dx = dx - xhat * _per_channel(dgamma, x) / m
+    return g * rstd * dx, dgamma, dbeta
+
+
+def ref_layernorm_forward(x: Tensor, gamma: Tensor, beta: Tensor, eps: float = 1e-5) -> Tensor:
+    """LayerNorm over the last dim, as F.layer_norm(x, (D,), gamma, beta, eps)."""
+    mean = x.mean(-1, keepdim=True)
+    var = x.var(-1, unbiased=False, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * gamma + beta
+
+
+def ref_layernorm_backward(
+    dout: Tensor, x: Tensor, gamma: Tensor, eps: float = 1e-5
+) -> tuple[Tensor, Tensor, Tensor]:
+    """LayerNorm backward; dgamma and dbeta summed over all leading dims. Returns (dx, dgamma, dbeta)."""
+    return _ln_backward(dout, x, gamma, eps)
+
+
+def _ln_backward(
+    dout: Tensor,
+    x: Tensor,
+    gamma: Tensor,
+    eps: float,
+    *,
+    mean_term: bool = True,
+    var_term: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    d = x.shape[-1]
+    lead = tuple(range(x.dim() - 1))
+    mean = x.mean(-1, keepdim=True)
+    rstd = 1 / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + eps)
+    xhat = (x - mean) * rstd
+    g = dout * gamma  # d loss / d xhat
+    dx = g * 1.0
+    if mean_term:
+        dx = dx - g.sum(-1, keepdim=True) / d
+    if var_term:
+        dx = dx - xhat * (g * xhat).sum(-1, keepdim=True) / d
+    if not lead:  # a single row: nothing to sum over (sum over () would sum everything)
+        return rstd * dx, dout * xhat, dout * 1.0
+    return rstd * dx, (dout * xhat).sum(lead), dout.sum(lead)
+
+
+def ref_rmsnorm_forward(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
+    """RMSNorm over the last dim: x / sqrt(mean(x**2) + eps) * weight."""
+    return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps) * weight
+
+
+# ---- BatchNorm forward -------------------------------------------------------------------
+def _torch_batchnorm(
+    x: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+    rm: Tensor,
+    rv: Tensor,
+    momentum: float,
+    eps: float,
+    training: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One step of nn.BatchNorm1d/2d in float64 with these buffers: (out, running_mean, running_var)."""
+    c = x.shape[1]
+    module = (nn.BatchNorm1d if x.dim() == 2 else nn.BatchNorm2d)(
+        c, eps=eps, momentum=momentum
+    ).double()
+    with torch.no_grad():
+        module.weight.copy_(gamma)
+        module.bias.copy_(beta)
+        module.running_mean.copy_(rm)
+        module.running_var.copy_(rv)
+        module.train(training)
+        out = module(x.double())
+    dt = x.dtype
+    return out.to(dt), module.running_mean.to(dt), module.running_var.to(dt)
+
+
+def _bn_out_mistakes(
+    x: Tensor, gamma: Tensor, beta: Tensor, rm: Tensor, rv: Tensor, eps: float, training: bool
+):
+    x = x.double()
+    g, b = _per_channel(gamma.double(), x), _per_channel(beta.double(), x)
+    dims = _stat_dims(x)
+
+    def normalise(
+        dims_: tuple[int, ...], *, unbiased: bool = False, outside: bool = False
+    ) -> Tensor:
+        mean = x.mean(dims_, keepdim=True)
+        var = x.var(dims_, unbiased=unbiased, keepdim=True)
+        den = torch.sqrt(var) + eps if outside else torch.sqrt(var + eps)
+        return g * (x - mean) / den + b
+
+    def with_running(outside: bool) -> Tensor:
+        mean, var = _per_channel(rm.double(), x), _per_channel(rv.double(), x)
+        den = torch.sqrt(var) + eps if outside else torch.sqrt(var + eps)
+        return g * (x - mean) / den + b
+
+    mistakes: list[tuple[str, Callable[[], Tensor | None]]] = []
+    if training:
+        mistakes += [
+            (
+                "the batch was normalised with the unbiased variance (divided by M - 1). Training "
+                "normalises with the biased variance (divide by M = N*H*W); only the running "
+                "variance uses the unbiased one.",
+                lambda: normalise(dims, unbiased=True),
+            ),
+            (
+                "eps was added outside the square root: the denominator is sqrt(var + eps), not sqrt(var) + eps.",
+                lambda: normalise(dims, outside=True),
+            ),
+            (
+                "the running statistics were used to normalise in training mode; training "
+                "normalises with the statistics of the current batch.",
+                lambda: with_running(False),
+            ),
+        ]
+        if x.dim() == 4:
+            mistakes += [
+                (
+                    "the statistics were taken over N only, one per (c, h, w); BatchNorm2d takes one "
+                    "mean and variance per channel, over N, H and W together.",
+                    lambda: normalise((0,)),
+                ),
+                (
+                    "the statistics were taken over H and W only (one per image and channel, which is "
+                    "InstanceNorm); BatchNorm2d also averages over the batch dim N.",
+                    lambda: normalise((2, 3)),
+                ),
+            ]
+        mistakes.append(
+            (
+                "the statistics were taken per sample, over the channels (dim 1 and after); BatchNorm "
+                "takes them per channel, over every dim but 1.",
+                lambda: normalise(tuple(range(1, x.dim()))),
+            )
+        )
+    else:
+        mistakes += [
+            (
+                "eval mode normalised with the batch statistics; in eval mode BatchNorm uses the "
+                "running mean and running variance (this is the classic 'model left in train mode' bug).",
+                lambda: normalise(dims),
+            ),
+            (
+                "eps was added outside the square root: the denominator is sqrt(running_var + eps).",
+                lambda: with_running(True),
+            ),
+            (
+                "eval mode divided by the running variance instead of its square root.",
+                lambda: (
+                    g * (x - _per_channel(rm.double(), x)) / (_per_channel(rv.double(), x) + eps)
+                    + b
+                ),
+            ),
+        ]
+    return mistakes
+
+
+def _bn_running_mistakes(
+    x: Tensor, rm: Tensor, rv: Tensor, momentum: float, training: bool, which: str
+):
+    x = x.double()
+    dims = _stat_dims(x)
+    old = (rm if which == "mean" else rv).double()
+    if not training:
+        if x.numel() == x.shape[1]:
+            return []  # one value per channel: no batch variance to have used
+        batch = x.mean(dims) if which == "mean" else x.var(dims, unbiased=True)
+        return [
+            (
+                f"the running {which} was updated in eval mode; in eval mode the running statistics "
+                "come back unchanged.",
+                lambda: (1 - momentum) * old + momentum * batch,
+            ),
+            (
+                f"the running {which} was updated in eval mode (with the Keras convention); in eval mode "
+                "the running statistics come back unchanged.",
+                lambda: momentum * old + (1 - momentum) * batch,
+            ),
+        ]
+    mean, biased, unbiased = x.mean(dims), x.var(dims, unbiased=False), x.var(dims, unbiased=True)
+    batch = mean if which == "mean" else unbiased
+    out = [
+        (
+            "the momentum follows the Keras convention, new = momentum*old + (1-momentum)*batch. "
+            "PyTorch's momentum weighs the NEW batch: new = (1-momentum)*old + momentum*batch.",
+            lambda: momentum * old + (1 - momentum) * batch,
+        ),
+        (
+            f"the running {which} is the batch statistic itself; it should be the moving average "
+            "(1-momentum)*old + momentum*batch.",
+            lambda: batch,
+        ),
+        (
+            f"the running {which} was not updated in training mode; it should become "
+            "(1-momentum)*old + momentum*batch.",
+            lambda: old,
+        ),
+    ]
+    if which == "var":
+        out = [
+            (
+                "the running variance was updated with the biased batch variance (divided by M); "
+                "nn.BatchNorm2d updates it with the unbiased one, var * M / (M - 1), M = N*H*W.",
+                lambda: (1 - momentum) * old + momentum * biased,
+            ),
+            (
+                "the running variance was updated with the batch standard deviation instead of the "
+                "(unbiased) variance.",
+                lambda: (1 - momentum) * old + momentum * unbiased.sqrt(),
+            ),
+            *out,
+        ]
+    return out
+
+
+def _shape_hint(
+    t: Tester, case: str, name: str, got: object, x: Tensor, want: tuple[int, ...]
+) -> None:
+    """Name the wrong-axes mistake when a per-channel quantity comes back with another shape."""
+    if not torch.is_tensor(got) or tuple(got.shape) == want:
+        return
+    shape = tuple(got.shape)
+    if x.dim() == 4 and shape in {tuple(x.shape[1:]), (1, *x.shape[1:])}:
+        t.fail(
+            case,
+            f"`{name}` has shape {shape}, one value per (c, h, w): it was reduced over N only. "
+            f"BatchNorm2d reduces over N, H and W together, so `{name}` has shape {want}.",
+        )
+    if shape != want and got.numel() == x.shape[1]:
+        t.fail(
+            case,
+            f"`{name}` should have shape {want}, but it has shape {shape} (use shape (C,), no kept dims).",
+        )
+
+
+def _bn_forward_cases(t: Tester) -> list[tuple[str, tuple, dict]]:
+    """(case, (x, gamma, beta, running_mean, running_var), keyword settings)."""
+
+    def inputs(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[Tensor, ...]:
+        c = shape[1]
+        offset = (t.randn(c) * 2.0).reshape((1, c) + (1,) * (len(shape) - 2))
+        spread = (0.5 + 1.5 * t.rand(c)).reshape((1, c) + (1,) * (len(shape) - 2))
+        x = (t.randn(*shape) * spread + offset).to(dtype)
+        gamma = (1.0 + 0.5 * t.randn(c)).to(dtype)
+        beta = (0.5 * t.randn(c)).to(dtype)
+        rm = t.randn(c).to(dtype)
+        rv = (0.5 + t.rand(c) * 2.0).to(dtype)
+        return x, gamma, beta, rm, rv
+
+    f64, f32 = torch.float64, torch.float32
+    settings = [
+        # shape, dtype, momentum, eps, training, how the settings are passed
+        ((4, 3), f64, 0.1, 1e-5, True, "defaults"),
+        ((2, 3, 3, 4), f64, 0.1, 1e-5, True, "positional"),
+        ((3, 2, 2, 2), f64, 0.3, 1e-3, True, "keywords"),
+        ((1, 3, 2, 3), f64, 0.9, 0.5, True, "positional"),
+        ((2, 4), f64, 1.0, 1e-5, True, "keywords"),
+        ((5, 2, 3, 3), f64, 0.0, 1e-2, True, "positional"),
+        ((2, 3, 1, 1), f64, 0.2, 1e-5, True, "positional"),
+        ((6, 5), f64, 0.7, 1.0, True, "keywords"),
+        ((3, 3, 3, 3), f64, 0.05, 1e-5, True, "positional"),
+        ((8, 3), f32, 0.1, 1e-5, True, "positional"),
+        ((4, 3, 5, 5), f32, 0.25, 1e-4, True, "keywords"),
+        ((2, 3, 4, 4), f64, 0.1, 1e-5, False, "keywords"),
+        ((1, 4), f64, 0.1, 1e-5, False, "positional"),
+        ((1, 2, 3, 3), f64, 0.4, 0.3, False, "positional"),
+        ((3, 2, 3, 3), f32, 0.1, 0.1, False, "keywords"),
+        ((5, 3), f32, 0.5, 1e-5, False, "positional"),
+    ]
+    cases = []
+    for shape, dtype, momentum, eps, training, style in settings:
+        mode = "train" if training else "eval"
+        case = f"x {shape} {str(dtype)[6:]}, {mode}, momentum={momentum}, eps={eps}"
+        if style == "defaults":
+            case += " (defaults)"
+        cases.append(
+            (
+                case,
+                inputs(shape, dtype),
+                {"momentum": momentum, "eps": eps, "training": training, "style": style},
+            )
+        )
+    return cases
+
+
+@exercise(
+    "batchnorm_forward",
+    chapter=CHAPTER,
+    signature="(x, gamma, beta, running_mean, running_var, momentum=0.1, eps=1e-5, training=True) "
+    "-> (out, new_running_mean, new_running_var)",
+    summary="BatchNorm over every dim but 1 with PyTorch's running statistics (unbiased running variance)",
+    reference=ref_batchnorm_forward,
+)
+def check_batchnorm_forward(t: Tester) -> None:
+    """Train and eval, (N,C) and (N,C,H,W), many (momentum, eps); against one nn.BatchNorm step."""
+    for case, (x, gamma, beta, rm, rv), s in _bn_forward_cases(t):
+        momentum, eps, training = s["momentum"], s["eps"], s["training"]
+        if s["style"] == "defaults":
+            out = t.call(case, x, gamma, beta, rm, rv)
+        elif s["style"] == "keywords":
+            out = t.call(
+                case, x, gamma, beta, rm, rv, momentum=momentum, eps=eps, training=training
+            )
+        else:
+            out = t.call(case, x, gamma, beta, rm, rv, momentum, eps, training)
+        y, new_rm, new_rv = t.unpack(case, out, ("out", "new_running_mean", "new_running_var"))
+        want_out, want_rm, want_rv = _torch_batchnorm(
+            x, gamma, beta, rm, rv, momentum, eps, training
+        )
+        c = (x.shape[1],)
+        _shape_hint(t, case, "new_running_mean", new_rm, x, c)
+        _shape_hint(t, case, "new_running_var", new_rv, x, c)
+        t.compare(
+            case,
+            "out",
+            y,
+            want_out,
+            mistakes=_bn_out_mistakes(x, gamma, beta, rm, rv, eps, training),
+        )
+        t.compare(
+            case,
+            "new_running_mean",
+            new_rm,
+            want_rm,
+            mistakes=_bn_running_mistakes(x, rm, rv, momentum, training, "mean"),
+        )
+        t.compare(
+            case,
+            "new_running_var",
+            new_rv,
+            want_rv,
+            mistakes=_bn_running_mistakes(x, rm, rv, momentum, training, "var"),
+        )
+
+
+def _torch_batchnorm_backward(dout: Tensor, x: Tensor, gamma: Tensor, eps: float) -> list[Tensor]:
+    """PyTorch's own training-mode BatchNorm backward kernel, in float64: [dx, dgamma, dbeta]."""
+    # The aten kernels that autograd calls for F.batch_norm; calling them directly spares the
+    # autograd engine's start-up (seconds, the first time in a process).
+    d, xd, g = dout.double(), x.double(), gamma.double()
+    _, mean, invstd = torch.ops.aten.native_batch_norm(xd, g, None, None, None, True, 0.1, eps)[:3]
+    grads = torch.ops.aten.native_batch_norm_backward(
+        d, xd, g, None, None, mean, invstd, True, eps, [True] * 3
+    )
+    return [v.to(x.dtype) for v in grads]
+
+
+def _torch_layernorm_backward(dout: Tensor, x: Tensor, gamma: Tensor, eps: float) -> list[Tensor]:
+    """PyTorch's own LayerNorm backward kernel (the one F.layer_norm's autograd calls)."""
+    d, xd, g = dout.double(), x.double(), gamma.double()
+    shape = [x.shape[-1]]
+    _, mean, rstd = torch.ops.aten.native_layer_norm(xd, shape, g, torch.zeros_like(g), eps)
+    grads = torch.ops.aten.native_layer_norm_backward(
+        d, xd, shape, mean, rstd, g, torch.zeros_like(g), [True] * 3
+    )
+    return [v.to(x.dtype) for v in grads]
+
+
+# ---- BatchNorm backward ------------------------------------------------------------------
+def _bn_backward_cases(t: Tester) -> list[tuple[str, Tensor, Tensor, Tensor, float | None]]:
+    settings = [
+        ((4, 3), torch.float64, None),
+        ((2, 3, 3, 4), torch.float64, 1e-5),
+        ((1, 2, 3, 3), torch.float64, 1e-5),
+        ((3, 2), torch.float64, 1e-5),
+        ((3, 2, 2, 2), torch.float64, 0.1),
+        ((6, 4), torch.float64, 1.0),
+        ((8, 4), torch.float32, 1e-5),
+        ((2, 3, 4, 4), torch.float32, 1e-3),
+    ]
+    cases = []
+    for shape, dtype, eps in settings:
+        c = shape[1]
+        offset = (t.randn(c) * 2.0).reshape((1, c) + (1,) * (len(shape) - 2))
+        x = (t.randn(*shape) * 1.5 + offset).to(dtype)
+        gamma = (1.0 + 0.5 * t.randn(c)).to(dtype)
+        dout = t.randn(*shape).to(dtype)
+        label = "eps=1e-05 (default)" if eps is None else f"eps={eps}"
+        cases.append((f"x {shape} {str(dtype)[6:]}, {label}", dout, x, gamma, eps))
+    return cases
+
+
+def _bn_dx_mistakes(dout: Tensor, x: Tensor, gamma: Tensor, eps: float) -> list:
+    d, x, g = dout.double(), x.double(), gamma.double()
+    dims = _stat_dims(x)
+    var = x.var(dims, unbiased=False, keepdim=True)
+    mistakes = [
+        (
+            "dx = dout * gamma / sqrt(var + eps) only: the batch mean and variance depend on x too, "
+            "which adds -mean(dout) and -xhat * mean(dout * xhat) (per channel) inside the bracket.",
+            lambda: d * _per_channel(g, x) / torch.sqrt(var + eps),
+        ),
+        (
+            "dx misses the term from the batch mean (-mean(dout) per channel, times gamma / sqrt(var + eps)).",
+            lambda: _bn_backward(d, x, g, eps, mean_term=False)[0],
+        ),
+        (
+            "dx misses the term from the batch variance (-xhat * mean(dout * xhat) per channel, "
+            "times gamma / sqrt(var + eps)).",
+            lambda: _bn_backward(d, x, g, eps, var_term=False)[0],
+        ),
+        (
+            "the backward used the unbiased variance; training-mode BatchNorm normalises with the "
+            "biased one (divide by M = N*H*W).",
+            lambda: _bn_backward(d, x, g, eps, unbiased=True)[0],
+        ),
+        (
+            "the means were taken with M = N; M counts every element of a channel, M = N*H*W.",
+            lambda: _bn_backward(d, x, g, eps, count=x.shape[0])[0],
+        ),
+        (
+            "dx was not multiplied by gamma.",
+            lambda: _bn_backward(d, x, torch.ones_like(g), eps)[0],
+        ),
+    ]
+    return mistakes
+
+
+def _bn_param_mistakes(dout: Tensor, x: Tensor, gamma: Tensor, eps: float, which: str) -> list:
+    d, x = dout.double(), x.double()
+    dims = _stat_dims(x)
+    m = x.numel() // x.shape[1]
+    mean = x.mean(dims, keepdim=True)
+    xhat = (x - mean) / torch.sqrt(x.var(dims, unbiased=False, keepdim=True) + eps)
+    if which == "dbeta":
+        return [
+            ("dbeta is the mean of dout; it is the sum over every dim but 1.", lambda: d.mean(dims))
+        ]
+    return [
+        (
+            "dgamma sums dout * x; gamma multiplies the NORMALISED input, so dgamma = sum(dout * xhat).",
+            lambda: (d * x).sum(dims),
+        ),
+        (
+            "dgamma is a mean; it is the sum of dout * xhat over every dim but 1.",
+            lambda: (d * xhat).sum(dims) / m,
+        ),
+        (
+            "dgamma was multiplied by gamma; it is sum(dout * xhat), with no gamma.",
+            lambda: (d * xhat).sum(dims) * gamma.double(),
+        ),
+    ]
+
+
+def _expect_param_grad(t: Tester, case: str, name: str, got: object, x: Tensor) -> None:
+    c = x.shape[1]
+    if torch.is_tensor(got) and tuple(got.shape) != (c,) and x.dim() == 4 and got.dim() >= 2:
+        t.fail(
+            case,
+            f"`{name}` has shape {tuple(got.shape)}; it should have shape ({c},): gamma and beta are "
+            "shared by every position of a channel, so their gradients are summed over N, H and W.",
+        )
+    _shape_hint(t, case, name, got, x, (c,))
+
+
+@exercise(
+    "batchnorm_backward",
+    chapter=CHAPTER,
+    signature="(dout, x, gamma, eps=1e-5) -> (dx, dgamma, dbeta)",
+    summary="training-mode BatchNorm backward: dx through the batch statistics, dgamma and dbeta per channel",
+    reference=ref_batchnorm_backward,
+    backward=True,
+)
+def check_batchnorm_backward(t: Tester) -> None:
+    """Against autograd through F.batch_norm and against central differences of the forward."""
+    cases = _bn_backward_cases(t)
+    for case, dout, x, gamma, eps in cases:
+        out = t.call(case, dout, x, gamma) if eps is None else t.call(case, dout, x, gamma, eps)
+        eps = 1e-5 if eps is None else eps
+        dx, dgamma, dbeta = t.unpack(case, out, ("dx", "dgamma", "dbeta"))
+        want = _torch_batchnorm_backward(dout, x, gamma, eps)
+        _expect_param_grad(t, case, "dgamma", dgamma, x)
+        _expect_param_grad(t, case, "dbeta", dbeta, x)
+        t.compare(case, "dx", dx, want[0], mistakes=_bn_dx_mistakes(dout, x, gamma, eps))
+        t.compare(
+            case,
+            "dgamma",
+            dgamma,
+            want[1],
+            mistakes=_bn_param_mistakes(dout, x, gamma, eps, "dgamma"),
+        )
+        t.compare(
+            case, "dbeta", dbeta, want[2], mistakes=_bn_param_mistakes(dout, x, gamma, eps, "dbeta")
+        )
+    # Central differences of the forward pass on a small float64 case.
+    case = "x (2, 2, 2, 2) float64, eps=1e-5, against central differences of the forward"
+    x = t.randn(2, 2, 2, 2) * 1.5 + 0.7
+    gamma, beta, dout = 1.0 + 0.5 * t.randn(2), t.randn(2), t.randn(2, 2, 2, 2)
+    zeros, ones = torch.zeros(2, dtype=x.dtype), torch.ones(2, dtype=x.dtype)
+
+    def forward(x_: Tensor, g_: Tensor, b_: Tensor) -> Tensor:
+        return ref_batchnorm_forward(x_, g_, b_, zeros, ones, 0.1, 1e-5, True)[0]
+
+    numeric = numerical_gradient(forward, [x, gamma, beta], dout)
+    dx, dgamma, dbeta = t.unpack(
+        case, t.call(case, dout, x, gamma, 1e-5), ("dx", "dgamma", "dbeta")
+    )
+    for name, got, want in zip(
+        ("dx", "dgamma", "dbeta"), (dx, dgamma, dbeta), numeric, strict=True
+    ):
+        t.compare(case, name, got, want, rtol=1e-5, atol=1e-8)
+
+
+# ---- LayerNorm ---------------------------------------------------------------------------
+def _ln_cases(t: Tester) -> list[tuple[str, Tensor, Tensor, Tensor, float | None]]:
+    settings = [
+        ((4, 6), torch.float64, None),
+        ((2, 3, 5), torch.float64, 1e-3),
+        ((2, 2, 3, 4), torch.float64, 0.5),
+        ((5,), torch.float64, 1e-5),
+        ((3, 1), torch.float64, 1e-5),
+        ((3, 4, 4), torch.float64, 1e-5),
+        ((6, 2), torch.float64, 1.0),
+        ((8, 16), torch.float32, 1e-5),
+        ((2, 4, 8), torch.float32, 1e-4),
+    ]
+    cases = []
+    for shape, dtype, eps in settings:
+        d = shape[-1]
+        x = (t.randn(*shape) * 1.5 + t.randn(*shape[:-1], 1) * 2.0).to(dtype)
+        gamma = (1.0 + 0.5 * t.randn(d)).to(dtype)
+        beta = (0.5 * t.randn(d)).to(dtype)
+        label = "eps=1e-05 (default)" if eps is None else f"eps={eps}"
+        cases.append((f"x {shape} {str(dtype)[6:]}, {label}", x, gamma, beta, eps))
+    return cases
+
+
+def _ln_mistakes(x: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> list:
+    x, g, b = x.double(), gamma.double(), beta.double()
+
+    def over(dims: tuple[int, ...], *, unbiased: bool = False, outside: bool = False) -> Tensor:
+        mean = x.mean(dims, keepdim=True)
+        var = x.var(dims, unbiased=unbiased, keepdim=True)
+        den = torch.sqrt(var) + eps if outside else torch.sqrt(var + eps)
+        return (x - mean) / den * g + b
+
+    mistakes = [
+        (
+            "the variance is the unbiased one (divided by D - 1); LayerNorm divides by D.",
+            lambda: over((-1,), unbiased=True),
+        ),
+        (
+            "eps was added outside the square root: the denominator is sqrt(var + eps).",
+            lambda: over((-1,), outside=True),
+        ),
+        (
+            "gamma and beta were swapped: out = xhat * gamma + beta.",
+            lambda: over((-1,)).sub(b).div(g).mul(b).add(g),
+        ),
+        ("gamma and beta were not applied.", lambda: (over((-1,)) - b) / g),
+    ]
+    if x.dim() >= 3:
+        mistakes.append(
+            (
+                "the statistics were taken over every dim after the first; this LayerNorm normalises "
+                "over the last dim only (normalized_shape = (D,)).",
+                lambda: over(tuple(range(1, x.dim()))),
+            )
+        )
+    if x.dim() >= 2:
+        mistakes.append(
+            (
+                "the statistics were taken over the batch (dim 0), as BatchNorm does; LayerNorm takes "
+                "them over the last dim of each sample.",
+                lambda: over((0,)),
+            )
+        )
+    return mistakes
+
+
+@exercise(
+    "layernorm_forward",
+    chapter=CHAPTER,
+    signature="(x, gamma, beta, eps=1e-5) -> out",
+    summary="LayerNorm over the last dim, as F.layer_norm",
+    reference=ref_layernorm_forward,
+)
+def check_layernorm_forward(t: Tester) -> None:
+    """Many shapes (1-D to 4-D, D=1), eps settings and dtypes against F.layer_norm."""
+    for case, x, gamma, beta, eps in _ln_cases(t):
+        out = t.call(case, x, gamma, beta) if eps is None else t.call(case, x, gamma, beta, eps)
+        eps = 1e-5 if eps is None else eps
+        want = F.layer_norm(x.double(), (x.shape[-1],), gamma.double(), beta.double(), eps).to(
+            x.dtype
+        )
+        t.compare(case, "out", out, want, mistakes=_ln_mistakes(x, gamma, beta, eps))
+
+
+def _ln_dx_mistakes(dout: Tensor, x: Tensor, gamma: Tensor, eps: float) -> list:
+    d, x, g = dout.double(), x.double(), gamma.double()
+    rstd = 1 / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + eps)
+    return [
+        (
+            "dx = dout * gamma / sqrt(var + eps) only: the mean and variance of each row depend on x too.",
+            lambda: d * g * rstd,
+        ),
+        (
+            "dx misses the term from the mean (-mean(dout * gamma) over the last dim, times 1/sqrt(var + eps)).",
+            lambda: _ln_backward(d, x, g, eps, mean_term=False)[0],
+        ),
+        (
+            "dx misses the term from the variance (-xhat * mean(dout * gamma * xhat) over the last dim, "
+            "times 1/sqrt(var + eps)).",
+            lambda: _ln_backward(d, x, g, eps, var_term=False)[0],
+        ),
+        ("dx was not multiplied by gamma.", lambda: _ln_backward(d, x, torch.ones_like(g), eps)[0]),
+    ]
+
+
+def _ln_param_mistakes(dout: Tensor, x: Tensor, eps: float, which: str) -> list:
+    d, x = dout.double(), x.double()
+    lead = tuple(range(x.dim() - 1))
+    xhat = (x - x.mean(-1, keepdim=True)) / torch.sqrt(
+        x.var(-1, unbiased=False, keepdim=True) + eps
+    )
+    if which == "dbeta":
+        return [
+            (
+                "dbeta is a mean over the leading dims; it is their sum.",
+                lambda: d.mean(lead) if lead else None,
+            )
+        ]
+    return [
+        (
+            "dgamma sums dout * x; it is the sum of dout * xhat, the normalised input.",
+            lambda: (d * x).sum(lead) if lead else d * x,
+        ),
+        (
+            "dgamma is a mean over the leading dims; it is their sum.",
+            lambda: (d * xhat).mean(lead) if lead else None,
+        ),
+    ]
+
+
+@exercise(
+    "layernorm_backward",
+    chapter=CHAPTER,
+    signature="(dout, x, gamma, eps=1e-5) -> (dx, dgamma, dbeta)",
+    summary="LayerNorm backward over the last dim; dgamma, dbeta summed over all leading dims",
+    reference=ref_layernorm_backward,
+    backward=True,
+)
+def check_layernorm_backward(t: Tester) -> None:
+    """Against autograd through F.layer_norm and central differences of the forward."""
+    for case, x, gamma, _beta, eps in _ln_cases(t):
+        dout = t.randn(*x.shape).to(x.dtype)
+        out = t.call(case, dout, x, gamma) if eps is None else t.call(case, dout, x, gamma, eps)
+        eps = 1e-5 if eps is None else eps
+        dx, dgamma, dbeta = t.unpack(case, out, ("dx", "dgamma", "dbeta"))
+        d = x.shape[-1]
+        for name, got in (("dgamma", dgamma), ("dbeta", dbeta)):
+            if (
+                torch.is_tensor(got)
+                and got.dim() >= 2
+                and got.shape[-1] == d
+                and tuple(got.shape) != (d,)
+            ):
+                t.fail(
+                    case,
+                    f"`{name}` has shape {tuple(got.shape)}; it should have shape ({d},): sum it over ALL "
+                    "leading dims, since every position shares gamma and beta.",
+                )
+        want = _torch_layernorm_backward(dout, x, gamma, eps)
+        t.compare(case, "dx", dx, want[0], mistakes=_ln_dx_mistakes(dout, x, gamma, eps))
+        t.compare(
+            case, "dgamma", dgamma, want[1], mistakes=_ln_param_mistakes(dout, x, eps, "dgamma")
+        )
+        t.compare(case, "dbeta", dbeta, want[2], mistakes=_ln_param_mistakes(dout, x, eps, "dbeta"))
+    case = "x (2, 3, 4) float64, eps=1e-5, against central differences of the forward"
+    x = t.randn(2, 3, 4) * 1.5 + 0.5
+    gamma, beta, dout = 1.0 + 0.5 * t.randn(4), t.randn(4), t.randn(2, 3, 4)
+    numeric = numerical_gradient(
+        lambda a, g, b: ref_layernorm_forward(a, g, b, 1e-5), [x, gamma, beta], dout
+    )
+    dx, dgamma, dbeta = t.unpack(
+        case, t.call(case, dout, x, gamma, 1e-5), ("dx", "dgamma", "dbeta")
+    )
+    for name, got, want in zip(
+        ("dx", "dgamma", "dbeta"), (dx, dgamma, dbeta), numeric, strict=True
+    ):
+        t.compare(case, name, got, want, rtol=1e-5, atol=1e-8)
+
+
+# ---- RMSNorm -----------------------------------------------------------------------------
+def _rms_mistakes(x: Tensor, w: Tensor, eps: float) -> list:
+    x, w = x.double(), w.double()
+    ms = (x * x).mean(-1, keepdim=True)
+    c = x - x.mean(-1, keepdim=True)
+    return [
+        (
+            "the mean was subtracted first (that is LayerNorm); RMSNorm divides x itself by "
+            "sqrt(mean(x**2) + eps), with no centring.",
+            lambda: c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + eps) * w,
+        ),
+        (
+            "eps was added outside the square root: the denominator is sqrt(mean(x**2) + eps).",
+            lambda: x / (ms.sqrt() + eps) * w,
+        ),
+        (
+            "the squares were summed, not averaged: RMSNorm uses mean(x**2) over the last dim.",
+            lambda: x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps) * w,
+        ),
+        ("x was divided by mean(x**2) + eps without the square root.", lambda: x / (ms + eps) * w),
+        ("the weight was not applied.", lambda: x * torch.rsqrt(ms + eps)),
+        (
+            "the default eps is not 1e-6 (it looks like 1e-5, LayerNorm's default).",
+            lambda: x * torch.rsqrt(ms + 1e-5) * w,
+        ),
+        (
+            "the mean of x**2 was taken over every dim but the first; RMSNorm takes it over the last dim only.",
+            lambda: (
+                x * torch.rsqrt((x * x).mean(tuple(range(1, x.dim())), keepdim=True) + eps) * w
+                if x.dim() >= 3
+                else None
+            ),
+        ),
+    ]
+
+
+@exercise(
+    "rmsnorm_forward",
+    chapter=CHAPTER,
+    signature="(x, weight, eps=1e-6) -> out",
+    summary="RMSNorm: x / sqrt(mean(x**2, last dim) + eps) * weight",
+    reference=ref_rmsnorm_forward,
+)
+def check_rmsnorm_forward(t: Tester) -> None:
+    """Many shapes, eps settings and dtypes against F.rms_norm (or the formula on older PyTorch)."""
+    settings = [
+        ((4, 6), torch.float64, None),
+        ((2, 3, 5), torch.float64, 1e-3),
+        ((2, 2, 3, 4), torch.float64, 0.5),
+        ((7,), torch.float64, 1e-6),
+        ((3, 1), torch.float64, 1e-2),
+        ((5, 8), torch.float64, 1.0),
+        ((8, 16), torch.float32, 1e-6),
+        ((2, 4, 8), torch.float32, 1e-2),
+    ]
+    for shape, dtype, eps in settings:
+        d = shape[-1]
+        # small values in the default case, so that eps matters and its placement and size show
+        scale = 0.02 if eps is None else 1.0
+        x = ((t.randn(*shape) + t.randn(*shape[:-1], 1) * 1.5) * scale).to(dtype)
+        w = (1.0 + 0.5 * t.randn(d)).to(dtype)
+        label = "eps=1e-06 (default)" if eps is None else f"eps={eps}"
+        case = f"x {shape} {str(dtype)[6:]}, {label}"
+        out = t.call(case, x, w) if eps is None else t.call(case, x, w, eps)
+        eps = 1e-6 if eps is None else eps
+        if hasattr(F, "rms_norm"):
+            want = F.rms_norm(x.double(), (d,), w.double(), eps).to(dtype)
+        else:
+            want = ref_rmsnorm_forward(x.double(), w.double(), eps).to(dtype)
+        t.compare(case, "out", out, want, mistakes=_rms_mistakes(x, w, eps))
+
+
+# ---- SyncBatchNorm's statistics, on a 2-process gloo group --------------------------------
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _sync_bn_worker(rank: int, world_size: int, port: int, folder: str) -> None:
+    """One rank: local sums, all-reduced, then normalise the local shard with the global statistics."""
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=20),
+    )
+    try:
+        x = torch.load(os.path.join(folder, f"shard{rank}.pt"))  # (N_r, C, H, W)
+        dims = (0, 2, 3)
+        count = torch.full((x.shape[1],), float(x.numel() // x.shape[1]), dtype=x.dtype)
+        stats = torch.stack([x.sum(dims), (x * x).sum(dims), count])  # (3, C)
+        dist.all_reduce(stats)  # sums over ranks: sum, sum of squares, count
+        total, total_sq, n = stats
+        mean = total / n
+        var = total_sq / n - mean * mean  # biased, as training BatchNorm normalises
+        y = (x - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + 1e-5)
+        torch.save(
+            {"y": y, "mean": mean, "var": var, "count": n}, os.path.join(folder, f"result{rank}.pt")
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def sync_batchnorm_statistics(shards: list[Tensor]) -> dict[str, object]:
+    """Run SyncBatchNorm's statistics over one gloo process per shard; gather what each rank computed.
+
+    shards: list of (N_r, C, H, W) float64 tensors, one per rank. Returns a dict with
+    ``y`` (the normalised shards concatenated along N), ``mean``, ``var`` and ``count``
+    per rank. Raises RuntimeError if the process group cannot start.
+    """
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as folder:
+        for r, shard in enumerate(shards):
+            torch.save(shard, os.path.join(folder, f"shard{r}.pt"))
+        # fork where the platform has it: the children need not import torch again (seconds)
+        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        mp.start_processes(
+            _sync_bn_worker,
+            args=(len(shards), _free_port(), folder),
+            nprocs=len(shards),
+            join=True,
+            start_method=method,
+        )
+        results = [torch.load(os.path.join(folder, f"result{r}.pt")) for r in range(len(shards))]
+    return {
+        "y": torch.cat([r["y"] for r in results]),
+        "mean": [r["mean"] for r in results],
+        "var": [r["var"] for r in results],
+        "count": [r["count"] for r in results],
+    }

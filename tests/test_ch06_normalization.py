@@ -1,0 +1,855 @@
+"""Chapter 06 batteries: correct implementations in several styles pass, planted mistakes are named.
+
+Every exercise of chapter 06 gets (a) correct implementations written in different
+styles (vectorised torch, numpy, explicit Python loops, E[x^2] - E[x]^2, einsum, the
+step-by-step computation graph), each checked across 20 seeds, and (b) the mistakes
+learners really make, each rejected with the sentence that names it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import course_utils as cu
+from course_utils.checks import ch06_normalization as ch06
+
+SEEDS = range(20)
+#: Seeds on which every planted mistake must be caught (the catch must not depend on luck).
+MISTAKE_SEEDS = (0, 1, 7)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny tensors: a second intra-op thread only adds hand-off cost; restore the setting afterwards."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def _dims(x):
+    return tuple(d for d in range(x.dim()) if d != 1)
+
+
+def _pc(v, x):
+    return v.reshape((1, -1) + (1,) * (x.dim() - 2))
+
+
+# =====================================================================================
+# Correct implementations, one style each
+# =====================================================================================
+
+
+# ---- BatchNorm forward ---------------------------------------------------------------
+def bn_forward_torch(
+    x, gamma, beta, running_mean, running_var, momentum=0.1, eps=1e-5, training=True
+):
+    """Vectorised torch, keepdim means."""
+    dims = _dims(x)
+    if training:
+        mean = x.mean(dims, keepdim=True)
+        var = ((x - mean) ** 2).mean(dims, keepdim=True)
+        m = x.numel() // x.shape[1]
+        new_rm = (1 - momentum) * running_mean + momentum * mean.flatten()
+        new_rv = (1 - momentum) * running_var + momentum * var.flatten() * m / (m - 1)
+    else:
+        mean, var = _pc(running_mean, x), _pc(running_var, x)
+        new_rm, new_rv = running_mean.clone(), running_var.clone()
+    out = (x - mean) / torch.sqrt(var + eps) * _pc(gamma, x) + _pc(beta, x)
+    return out, new_rm, new_rv
+
+
+def bn_forward_numpy(
+    x, gamma, beta, running_mean, running_var, momentum=0.1, eps=1e-5, training=True
+):
+    """Through numpy, channels moved last and flattened: (M, C)."""
+    a = np.moveaxis(x.numpy(), 1, -1)
+    shape = a.shape
+    flat = a.reshape(-1, shape[-1])
+    rm, rv = running_mean.numpy(), running_var.numpy()
+    if training:
+        mean, var = flat.mean(0), flat.var(0)
+        new_rm = (1 - momentum) * rm + momentum * mean
+        new_rv = (1 - momentum) * rv + momentum * flat.var(0, ddof=1)
+    else:
+        mean, var, new_rm, new_rv = rm, rv, rm.copy(), rv.copy()
+    out = (flat - mean) / np.sqrt(var + eps) * gamma.numpy() + beta.numpy()
+    out = np.moveaxis(out.reshape(shape), -1, 1)
+    dt = x.dtype
+    return (
+        torch.from_numpy(np.ascontiguousarray(out)).to(dt),
+        torch.from_numpy(np.asarray(new_rm)).to(dt),
+        torch.from_numpy(np.asarray(new_rv)).to(dt),
+    )
+
+
+def bn_forward_loops(
+    x, gamma, beta, running_mean, running_var, momentum=0.1, eps=1e-5, training=True
+):
+    """One channel at a time, in Python floats."""
+    c = x.shape[1]
+    out = torch.empty_like(x)
+    new_rm, new_rv = running_mean.clone(), running_var.clone()
+    for k in range(c):
+        vals = x[:, k].reshape(-1).tolist()
+        m = len(vals)
+        if training:
+            mu = sum(vals) / m
+            ss = sum((v - mu) ** 2 for v in vals)
+            var = ss / m
+            new_rm[k] = (1 - momentum) * float(running_mean[k]) + momentum * mu
+            new_rv[k] = (1 - momentum) * float(running_var[k]) + momentum * ss / (m - 1)
+        else:
+            mu, var = float(running_mean[k]), float(running_var[k])
+        scale = float(gamma[k]) / math.sqrt(var + eps)
+        normed = [(v - mu) * scale + float(beta[k]) for v in vals]
+        out[:, k] = torch.tensor(normed, dtype=torch.float64).reshape(x[:, k].shape).to(x.dtype)
+    return out, new_rm, new_rv
+
+
+def bn_forward_moments(
+    x, gamma, beta, running_mean, running_var, momentum=0.1, eps=1e-5, training=True
+):
+    """Sums and sums of squares (E[x^2] - E[x]^2), as SyncBatchNorm combines them; float64 inside."""
+    xd = x.double()
+    dims = _dims(x)
+    if training:
+        m = x.numel() // x.shape[1]
+        s1, s2 = xd.sum(dims), (xd * xd).sum(dims)
+        mean = s1 / m
+        var = s2 / m - mean**2
+        new_rm = (1 - momentum) * running_mean.double() + momentum * mean
+        new_rv = (1 - momentum) * running_var.double() + momentum * (s2 - m * mean**2) / (m - 1)
+    else:
+        mean, var = running_mean.double(), running_var.double()
+        new_rm, new_rv = mean, var
+    inv = torch.rsqrt(var + eps)
+    scale, shift = gamma.double() * inv, beta.double() - mean * gamma.double() * inv
+    out = xd * _pc(scale, x) + _pc(shift, x)
+    return out.to(x.dtype), new_rm.to(x.dtype), new_rv.to(x.dtype)
+
+
+# ---- BatchNorm backward --------------------------------------------------------------
+def bn_backward_compact(dout, x, gamma, eps=1e-5):
+    """The compact formula."""
+    dims = _dims(x)
+    m = x.numel() // x.shape[1]
+    mean = x.mean(dims, keepdim=True)
+    rstd = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps)
+    xhat = (x - mean) * rstd
+    dbeta = dout.sum(dims)
+    dgamma = (dout * xhat).sum(dims)
+    dx = _pc(gamma, x) * rstd / m * (m * dout - _pc(dbeta, x) - xhat * _pc(dgamma, x))
+    return dx, dgamma, dbeta
+
+
+def bn_backward_graph(dout, x, gamma, eps=1e-5):
+    """Node by node along the computation graph, as in the derivation's first pass."""
+    dims = _dims(x)
+    m = x.numel() // x.shape[1]
+    mu = x.mean(dims, keepdim=True)
+    xc = x - mu
+    var = (xc**2).mean(dims, keepdim=True)
+    std = torch.sqrt(var + eps)
+    inv = 1 / std
+    xhat = xc * inv
+    dbeta = dout.sum(dims)
+    dgamma = (dout * xhat).sum(dims)
+    dxhat = dout * _pc(gamma, x)
+    dinv = (dxhat * xc).sum(dims, keepdim=True)
+    dxc = dxhat * inv
+    dstd = -dinv / std**2
+    dvar = dstd / (2 * std)
+    dxc = dxc + 2 * xc * dvar / m
+    dmu = -dxc.sum(dims, keepdim=True)
+    dx = dxc + dmu / m
+    return dx, dgamma, dbeta
+
+
+def bn_backward_numpy(dout, x, gamma, eps=1e-5):
+    """Through numpy, channels last: (M, C)."""
+    d = np.moveaxis(dout.numpy(), 1, -1)
+    a = np.moveaxis(x.numpy(), 1, -1)
+    shape = a.shape
+    d, a = d.reshape(-1, shape[-1]), a.reshape(-1, shape[-1])
+    m = a.shape[0]
+    xhat = (a - a.mean(0)) / np.sqrt(a.var(0) + eps)
+    dbeta, dgamma = d.sum(0), (d * xhat).sum(0)
+    dx = gamma.numpy() / np.sqrt(a.var(0) + eps) * (d - dbeta / m - xhat * dgamma / m)
+    dx = np.ascontiguousarray(np.moveaxis(dx.reshape(shape), -1, 1))
+    return tuple(torch.from_numpy(np.asarray(v)).to(x.dtype) for v in (dx, dgamma, dbeta))
+
+
+def bn_backward_loops(dout, x, gamma, eps=1e-5):
+    """One channel at a time, in Python floats."""
+    c = x.shape[1]
+    dx = torch.empty_like(x)
+    dgamma, dbeta = torch.empty_like(gamma), torch.empty_like(gamma)
+    for k in range(c):
+        v = x[:, k].reshape(-1).tolist()
+        g = dout[:, k].reshape(-1).tolist()
+        m = len(v)
+        mu = sum(v) / m
+        rstd = 1 / math.sqrt(sum((a - mu) ** 2 for a in v) / m + eps)
+        xh = [(a - mu) * rstd for a in v]
+        sb = sum(g)
+        sg = sum(gi * hi for gi, hi in zip(g, xh, strict=True))
+        dbeta[k], dgamma[k] = sb, sg
+        col = [
+            float(gamma[k]) * rstd * (gi - sb / m - hi * sg / m)
+            for gi, hi in zip(g, xh, strict=True)
+        ]
+        dx[:, k] = torch.tensor(col, dtype=torch.float64).reshape(x[:, k].shape).to(x.dtype)
+    return dx, dgamma, dbeta
+
+
+# ---- LayerNorm -------------------------------------------------------------------------
+def ln_forward_torch(x, gamma, beta, eps=1e-5):
+    """Vectorised torch."""
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * gamma + beta
+
+
+def ln_forward_numpy(x, gamma, beta, eps=1e-5):
+    """Through numpy."""
+    a = x.numpy()
+    out = (a - a.mean(-1, keepdims=True)) / np.sqrt(
+        a.var(-1, keepdims=True) + eps
+    ) * gamma.numpy() + beta.numpy()
+    return torch.from_numpy(np.asarray(out)).to(x.dtype)
+
+
+def ln_forward_loops(x, gamma, beta, eps=1e-5):
+    """Row by row, in Python floats."""
+    d = x.shape[-1]
+    g, b = gamma.tolist(), beta.tolist()
+    rows = []
+    for row in x.reshape(-1, d).tolist():
+        mu = sum(row) / d
+        rstd = 1 / math.sqrt(sum((v - mu) ** 2 for v in row) / d + eps)
+        rows.append([(v - mu) * rstd * gi + bi for v, gi, bi in zip(row, g, b, strict=True)])
+    return torch.tensor(rows, dtype=torch.float64).reshape(x.shape).to(x.dtype)
+
+
+def ln_forward_welford(x, gamma, beta, eps=1e-5):
+    """Welford's one-pass mean and variance, one feature at a time, all rows at once."""
+    mean = torch.zeros_like(x[..., 0])
+    m2 = torch.zeros_like(mean)
+    for k in range(x.shape[-1]):
+        delta = x[..., k] - mean
+        mean = mean + delta / (k + 1)
+        m2 = m2 + delta * (x[..., k] - mean)
+    var = m2 / x.shape[-1]
+    return (x - mean[..., None]) / torch.sqrt(var[..., None] + eps) * gamma + beta
+
+
+def ln_backward_compact(dout, x, gamma, eps=1e-5):
+    """The compact formula."""
+    d = x.shape[-1]
+    mean = x.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + eps)
+    xhat = (x - mean) * rstd
+    g = dout * gamma
+    dx = rstd / d * (d * g - g.sum(-1, keepdim=True) - xhat * (g * xhat).sum(-1, keepdim=True))
+    flat_d, flat_h = dout.reshape(-1, d), xhat.reshape(-1, d)
+    return dx, (flat_d * flat_h).sum(0), flat_d.sum(0)
+
+
+def ln_backward_einsum(dout, x, gamma, eps=1e-5):
+    """The full Jacobian of each row, applied with einsum."""
+    d = x.shape[-1]
+    xr, dr = x.reshape(-1, d), dout.reshape(-1, d)
+    mean = xr.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(((xr - mean) ** 2).mean(-1, keepdim=True) + eps)
+    xhat = (xr - mean) * rstd
+    eye = torch.eye(d, dtype=x.dtype)
+    # J[r, i, j] = d xhat_i / d x_j = rstd * (delta_ij - 1/d - xhat_i xhat_j / d)
+    jac = rstd[:, :, None] * (eye - 1 / d - xhat[:, :, None] * xhat[:, None, :] / d)
+    dx = torch.einsum("ri,rij->rj", dr * gamma, jac)
+    return dx.reshape(x.shape), torch.einsum("ri,ri->i", dr, xhat), dr.sum(0)
+
+
+def ln_backward_loops(dout, x, gamma, eps=1e-5):
+    """Row by row, in Python floats."""
+    d = x.shape[-1]
+    g = gamma.tolist()
+    dxs, dgamma, dbeta = [], [0.0] * d, [0.0] * d
+    for row, drow in zip(x.reshape(-1, d).tolist(), dout.reshape(-1, d).tolist(), strict=True):
+        mu = sum(row) / d
+        rstd = 1 / math.sqrt(sum((v - mu) ** 2 for v in row) / d + eps)
+        xh = [(v - mu) * rstd for v in row]
+        gx = [a * b for a, b in zip(drow, g, strict=True)]
+        s1, s2 = sum(gx), sum(a * b for a, b in zip(gx, xh, strict=True))
+        dxs.append([rstd * (a - s1 / d - h * s2 / d) for a, h in zip(gx, xh, strict=True)])
+        for i in range(d):
+            dgamma[i] += drow[i] * xh[i]
+            dbeta[i] += drow[i]
+    to = {"dtype": x.dtype}
+    return (
+        torch.tensor(dxs, **to).reshape(x.shape),
+        torch.tensor(dgamma, **to),
+        torch.tensor(dbeta, **to),
+    )
+
+
+# ---- RMSNorm -----------------------------------------------------------------------------
+def rms_torch(x, weight, eps=1e-6):
+    """rsqrt of the mean square."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def rms_numpy(x, weight, eps=1e-6):
+    """Through numpy."""
+    a = x.numpy()
+    return torch.from_numpy(
+        np.asarray(a / np.sqrt((a * a).mean(-1, keepdims=True) + eps) * weight.numpy())
+    ).to(x.dtype)
+
+
+def rms_loops(x, weight, eps=1e-6):
+    """Row by row, in Python floats."""
+    d = x.shape[-1]
+    w = weight.tolist()
+    rows = []
+    for row in x.reshape(-1, d).tolist():
+        r = math.sqrt(sum(v * v for v in row) / d + eps)
+        rows.append([v / r * wi for v, wi in zip(row, w, strict=True)])
+    return torch.tensor(rows, dtype=torch.float64).reshape(x.shape).to(x.dtype)
+
+
+def rms_norm_builtin(x, weight, eps=1e-6):
+    """The norm of each row, scaled by 1/sqrt(D)."""
+    d = x.shape[-1]
+    rms = torch.linalg.vector_norm(x, dim=-1, keepdim=True) / math.sqrt(d)
+    return x / torch.sqrt(rms**2 + eps) * weight
+
+
+CORRECT = {
+    "batchnorm_forward": [bn_forward_torch, bn_forward_numpy, bn_forward_loops, bn_forward_moments],
+    "batchnorm_backward": [
+        bn_backward_compact,
+        bn_backward_graph,
+        bn_backward_numpy,
+        bn_backward_loops,
+    ],
+    "layernorm_forward": [
+        ln_forward_torch,
+        ln_forward_numpy,
+        ln_forward_loops,
+        ln_forward_welford,
+    ],
+    "layernorm_backward": [ln_backward_compact, ln_backward_einsum, ln_backward_loops],
+    "rmsnorm_forward": [rms_torch, rms_numpy, rms_loops, rms_norm_builtin],
+}
+CORRECT_CASES = [(ex, fn) for ex, fns in CORRECT.items() for fn in fns]
+SLOWEST = {
+    "batchnorm_forward": bn_forward_loops,
+    "batchnorm_backward": bn_backward_loops,
+    "layernorm_forward": ln_forward_loops,
+    "layernorm_backward": ln_backward_loops,
+    "rmsnorm_forward": rms_loops,
+}
+
+
+@pytest.mark.parametrize(
+    ("exercise_id", "fn"), CORRECT_CASES, ids=[f.__name__ for _, f in CORRECT_CASES]
+)
+def test_correct_implementation_passes_on_every_seed(exercise_id, fn):
+    for seed in SEEDS:
+        report = cu.check(exercise_id, fn, seed=seed, strict=True)
+        assert report.passed, (seed, report)
+        assert report.rows, "a passing report lists what it judged"
+
+
+@pytest.mark.parametrize("exercise_id", list(CORRECT))
+def test_reference_passes_its_own_battery(exercise_id):
+    assert cu.check(exercise_id, cu.reference(exercise_id), strict=True).passed
+
+
+def test_references_agree_with_autograd_through_pytorch():
+    """The battery judges backward passes with aten kernels; they and our references match autograd."""
+    torch.manual_seed(0)
+    for shape in [(4, 3), (2, 3, 3, 2)]:
+        x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        g = torch.randn(shape[1], dtype=torch.float64, requires_grad=True)
+        b = torch.randn(shape[1], dtype=torch.float64, requires_grad=True)
+        d = torch.randn(*shape, dtype=torch.float64)
+        auto = torch.autograd.grad(F.batch_norm(x, None, None, g, b, training=True), (x, g, b), d)
+        for mine in (
+            ch06.ref_batchnorm_backward(d, x.detach(), g.detach()),
+            ch06._torch_batchnorm_backward(d, x.detach(), g.detach(), 1e-5),
+        ):
+            for a, w in zip(mine, auto, strict=True):
+                torch.testing.assert_close(a, w)
+        dl = shape[-1]
+        gl, bl = (
+            g.detach()[:1].expand(dl).clone().requires_grad_(True),
+            torch.zeros(dl, dtype=torch.float64, requires_grad=True),
+        )
+        auto = torch.autograd.grad(F.layer_norm(x, (dl,), gl, bl), (x, gl, bl), d)
+        for mine in (
+            ch06.ref_layernorm_backward(d, x.detach(), gl.detach()),
+            ch06._torch_layernorm_backward(d, x.detach(), gl.detach(), 1e-5),
+        ):
+            for a, w in zip(mine, auto, strict=True):
+                torch.testing.assert_close(a, w)
+
+
+# =====================================================================================
+# Planted mistakes
+# =====================================================================================
+
+
+# ---- BatchNorm forward ------------------------------------------------------------------
+def _bn_forward_variant(
+    *,
+    unbiased_norm=False,
+    keras=False,
+    eval_batch_stats=False,
+    biased_running=False,
+    dims_fn=_dims,
+    eps_outside=False,
+    in_place=False,
+    no_update=False,
+    update_in_eval=False,
+    std_running=False,
+):
+    def fn(x, gamma, beta, running_mean, running_var, momentum=0.1, eps=1e-5, training=True):
+        dims = dims_fn(x)
+        batch_mean = x.mean(dims, keepdim=True)
+        batch_var = x.var(dims, unbiased=unbiased_norm, keepdim=True)
+        m = x.numel() // batch_mean.numel()
+        use_batch = training or eval_batch_stats
+        if use_batch:
+            mean, var = batch_mean, batch_var
+        else:
+            mean, var = _pc(running_mean, x), _pc(running_var, x)
+        den = torch.sqrt(var) + eps if eps_outside else torch.sqrt(var + eps)
+        out = (x - mean) / den * _pc(gamma, x) + _pc(beta, x)
+        if (training and not no_update) or update_in_eval:
+            # the running statistics of the wrong-axes variants come from the right axes, so that
+            # only the normalisation is wrong (and the failure is about `out`)
+            m = x.numel() // x.shape[1]
+            bm = x.mean(_dims(x))
+            bv = x.var(_dims(x), unbiased=False) * m / (m - 1)
+            if biased_running:
+                bv = bv * (m - 1) / m
+            if std_running:
+                bv = bv.sqrt()
+            a, b = (momentum, 1 - momentum) if keras else (1 - momentum, momentum)
+            if in_place:
+                running_mean.mul_(a).add_(b * bm)
+                running_var.mul_(a).add_(b * bv)
+                return out, running_mean, running_var
+            return out, a * running_mean + b * bm, a * running_var + b * bv
+        return out, running_mean.clone(), running_var.clone()
+
+    return fn
+
+
+def bn_forward_returns_tuple_of_two(
+    x, gamma, beta, running_mean, running_var, momentum=0.1, eps=1e-5, training=True
+):
+    return bn_forward_torch(x, gamma, beta, running_mean, running_var, momentum, eps, training)[:2]
+
+
+def bn_forward_returns_float64(
+    x, gamma, beta, running_mean, running_var, momentum=0.1, eps=1e-5, training=True
+):
+    out = bn_forward_torch(
+        x.double(),
+        gamma.double(),
+        beta.double(),
+        running_mean.double(),
+        running_var.double(),
+        momentum,
+        eps,
+        training,
+    )
+    return out
+
+
+def bn_forward_eval_variance_not_sqrt(
+    x, gamma, beta, running_mean, running_var, momentum=0.1, eps=1e-5, training=True
+):
+    if training:
+        return bn_forward_torch(x, gamma, beta, running_mean, running_var, momentum, eps, training)
+    out = (x - _pc(running_mean, x)) / (_pc(running_var, x) + eps) * _pc(gamma, x) + _pc(beta, x)
+    return out, running_mean.clone(), running_var.clone()
+
+
+def bn_forward_running_in_training(
+    x, gamma, beta, running_mean, running_var, momentum=0.1, eps=1e-5, training=True
+):
+    _, rm, rv = bn_forward_torch(x, gamma, beta, running_mean, running_var, momentum, eps, training)
+    out = (x - _pc(running_mean, x)) / torch.sqrt(_pc(running_var, x) + eps) * _pc(gamma, x) + _pc(
+        beta, x
+    )
+    return out, rm, rv
+
+
+def bn_forward_running_is_batch(
+    x, gamma, beta, running_mean, running_var, momentum=0.1, eps=1e-5, training=True
+):
+    out, _, _ = bn_forward_torch(x, gamma, beta, running_mean, running_var, momentum, eps, training)
+    if not training:
+        return out, running_mean.clone(), running_var.clone()
+    dims = _dims(x)
+    return out, x.mean(dims), x.var(dims, unbiased=True)
+
+
+def bn_forward_keepdim_running(
+    x, gamma, beta, running_mean, running_var, momentum=0.1, eps=1e-5, training=True
+):
+    out, rm, rv = bn_forward_torch(
+        x, gamma, beta, running_mean, running_var, momentum, eps, training
+    )
+    return out, _pc(rm, x), _pc(rv, x)
+
+
+def _per_sample_dims(x):
+    return tuple(range(1, x.dim()))
+
+
+def _n_only(x):
+    return (0,)
+
+
+def _instance_dims(x):
+    return (2, 3) if x.dim() == 4 else (0,)
+
+
+BN_FORWARD_MISTAKES = [
+    (_bn_forward_variant(unbiased_norm=True), "normalised with the unbiased variance"),
+    (_bn_forward_variant(keras=True), "the momentum follows the Keras convention"),
+    (_bn_forward_variant(eval_batch_stats=True), "eval mode normalised with the batch statistics"),
+    (
+        _bn_forward_variant(biased_running=True),
+        "running variance was updated with the biased batch variance",
+    ),
+    (_bn_forward_variant(std_running=True), "batch standard deviation instead of the"),
+    (
+        _bn_forward_variant(dims_fn=_n_only),
+        r"statistics were taken over N only, one per \(c, h, w\)",
+    ),
+    (
+        _bn_forward_variant(dims_fn=_per_sample_dims),
+        "statistics were taken per sample, over the channels",
+    ),
+    (_bn_forward_variant(dims_fn=_instance_dims), "which is InstanceNorm"),
+    (_bn_forward_variant(eps_outside=True), "eps was added outside the square root"),
+    (_bn_forward_variant(in_place=True), "changed its input `running_mean` in place"),
+    (_bn_forward_variant(no_update=True), "was not updated in training mode"),
+    (
+        _bn_forward_variant(update_in_eval=True),
+        "was updated in eval mode; in eval mode the running statistics",
+    ),
+    (bn_forward_running_is_batch, "is the batch statistic itself"),
+    (
+        bn_forward_eval_variance_not_sqrt,
+        "divided by the running variance instead of its square root",
+    ),
+    (bn_forward_running_in_training, "running statistics were used to normalise in training mode"),
+    (
+        bn_forward_keepdim_running,
+        r"`new_running_mean` should have shape \(3,\), but it has shape \(1, 3\)",
+    ),
+    (
+        bn_forward_returns_tuple_of_two,
+        r"expected a tuple \(out, new_running_mean, new_running_var\)",
+    ),
+    (bn_forward_returns_float64, r"should have dtype float32 \(the dtype of the inputs\)"),
+]
+
+
+# ---- BatchNorm backward ----------------------------------------------------------------
+def _bn_backward_variant(
+    *, mean_term=True, var_term=True, unbiased=False, count_n=False, no_gamma=False
+):
+    def fn(dout, x, gamma, eps=1e-5):
+        count = x.shape[0] if count_n else None
+        g = torch.ones_like(gamma) if no_gamma else gamma
+        dx, _, _ = ch06._bn_backward(
+            dout, x, g, eps, unbiased=unbiased, count=count, mean_term=mean_term, var_term=var_term
+        )
+        _, dgamma, dbeta = bn_backward_compact(dout, x, gamma, eps)
+        return dx, dgamma, dbeta
+
+    return fn
+
+
+def bn_backward_ignores_statistics(dout, x, gamma, eps=1e-5):
+    dims = _dims(x)
+    _, dgamma, dbeta = bn_backward_compact(dout, x, gamma, eps)
+    return (
+        dout * _pc(gamma, x) / torch.sqrt(x.var(dims, unbiased=False, keepdim=True) + eps),
+        dgamma,
+        dbeta,
+    )
+
+
+def bn_backward_dgamma_over_n_only(dout, x, gamma, eps=1e-5):
+    dx, _, dbeta = bn_backward_compact(dout, x, gamma, eps)
+    dims = _dims(x)
+    xhat = (x - x.mean(dims, keepdim=True)) / torch.sqrt(
+        x.var(dims, unbiased=False, keepdim=True) + eps
+    )
+    return dx, (dout * xhat).sum(0), dbeta
+
+
+def bn_backward_dbeta_over_n_only(dout, x, gamma, eps=1e-5):
+    dx, dgamma, _ = bn_backward_compact(dout, x, gamma, eps)
+    return dx, dgamma, dout.sum(0)
+
+
+def bn_backward_dgamma_with_x(dout, x, gamma, eps=1e-5):
+    dx, _, dbeta = bn_backward_compact(dout, x, gamma, eps)
+    return dx, (dout * x).sum(_dims(x)), dbeta
+
+
+def bn_backward_dbeta_mean(dout, x, gamma, eps=1e-5):
+    dx, dgamma, _ = bn_backward_compact(dout, x, gamma, eps)
+    return dx, dgamma, dout.mean(_dims(x))
+
+
+def bn_backward_autograd(dout, x, gamma, eps=1e-5):
+    xs = x.detach().clone().requires_grad_(True)
+    gs = gamma.detach().clone().requires_grad_(True)
+    y = F.batch_norm(xs, None, None, gs, None, training=True, eps=eps)
+    y.backward(dout)
+    return xs.grad, gs.grad, dout.sum(_dims(x))
+
+
+BN_BACKWARD_MISTAKES = [
+    (bn_backward_ignores_statistics, r"dx = dout \* gamma / sqrt\(var \+ eps\) only"),
+    (_bn_backward_variant(mean_term=False), "dx misses the term from the batch mean"),
+    (_bn_backward_variant(var_term=False), "dx misses the term from the batch variance"),
+    (_bn_backward_variant(unbiased=True), "the backward used the unbiased variance"),
+    (_bn_backward_variant(count_n=True), "the means were taken with M = N"),
+    (_bn_backward_variant(no_gamma=True), "dx was not multiplied by gamma"),
+    (bn_backward_dgamma_over_n_only, r"`dgamma` has shape \(3, 3, 4\).*summed over N, H and W"),
+    (bn_backward_dbeta_over_n_only, r"`dbeta` has shape \(3, 3, 4\).*summed over N, H and W"),
+    (bn_backward_dgamma_with_x, "dgamma sums dout \\* x"),
+    (bn_backward_dbeta_mean, "dbeta is the mean of dout"),
+    (bn_backward_autograd, "called autograd"),
+]
+
+
+# ---- LayerNorm -------------------------------------------------------------------------
+def ln_forward_all_dims(x, gamma, beta, eps=1e-5):
+    dims = tuple(range(1, x.dim())) if x.dim() > 1 else (0,)
+    mean = x.mean(dims, keepdim=True)
+    var = x.var(dims, unbiased=False, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * gamma + beta
+
+
+def ln_forward_unbiased(x, gamma, beta, eps=1e-5):
+    return (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, keepdim=True) + eps) * gamma + beta
+
+
+def ln_forward_eps_outside(x, gamma, beta, eps=1e-5):
+    return (x - x.mean(-1, keepdim=True)) / (
+        x.std(-1, unbiased=False, keepdim=True) + eps
+    ) * gamma + beta
+
+
+def ln_forward_over_batch(x, gamma, beta, eps=1e-5):
+    mean = x.mean(0, keepdim=True)
+    return (x - mean) / torch.sqrt(x.var(0, unbiased=False, keepdim=True) + eps) * gamma + beta
+
+
+def ln_forward_swapped(x, gamma, beta, eps=1e-5):
+    return ln_forward_torch(x, beta, gamma, eps)
+
+
+def ln_forward_no_affine(x, gamma, beta, eps=1e-5):
+    return ln_forward_torch(x, torch.ones_like(gamma), torch.zeros_like(beta), eps)
+
+
+LN_FORWARD_MISTAKES = [
+    (ln_forward_all_dims, "statistics were taken over every dim after the first"),
+    (ln_forward_unbiased, "the variance is the unbiased one"),
+    (ln_forward_eps_outside, "eps was added outside the square root"),
+    (ln_forward_over_batch, r"taken over the batch \(dim 0\), as BatchNorm does"),
+    (ln_forward_swapped, "gamma and beta were swapped"),
+    (ln_forward_no_affine, "gamma and beta were not applied"),
+]
+
+
+def _ln_backward_variant(*, mean_term=True, var_term=True, no_gamma=False):
+    def fn(dout, x, gamma, eps=1e-5):
+        g = torch.ones_like(gamma) if no_gamma else gamma
+        dx = ch06._ln_backward(dout, x, g, eps, mean_term=mean_term, var_term=var_term)[0]
+        _, dgamma, dbeta = ln_backward_compact(dout, x, gamma, eps)
+        return dx, dgamma, dbeta
+
+    return fn
+
+
+def ln_backward_ignores_statistics(dout, x, gamma, eps=1e-5):
+    _, dgamma, dbeta = ln_backward_compact(dout, x, gamma, eps)
+    return dout * gamma / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + eps), dgamma, dbeta
+
+
+def ln_backward_sum_dim0_only(dout, x, gamma, eps=1e-5):
+    dx, _, _ = ln_backward_compact(dout, x, gamma, eps)
+    xhat = (x - x.mean(-1, keepdim=True)) / torch.sqrt(
+        x.var(-1, unbiased=False, keepdim=True) + eps
+    )
+    return dx, (dout * xhat).sum(0), dout.sum(0)
+
+
+def ln_backward_dgamma_with_x(dout, x, gamma, eps=1e-5):
+    dx, _, dbeta = ln_backward_compact(dout, x, gamma, eps)
+    return dx, (dout * x).reshape(-1, x.shape[-1]).sum(0), dbeta
+
+
+def ln_backward_dbeta_mean(dout, x, gamma, eps=1e-5):
+    dx, dgamma, _ = ln_backward_compact(dout, x, gamma, eps)
+    return dx, dgamma, dout.reshape(-1, x.shape[-1]).mean(0)
+
+
+LN_BACKWARD_MISTAKES = [
+    (ln_backward_ignores_statistics, r"dx = dout \* gamma / sqrt\(var \+ eps\) only"),
+    (_ln_backward_variant(mean_term=False), "dx misses the term from the mean"),
+    (_ln_backward_variant(var_term=False), "dx misses the term from the variance"),
+    (_ln_backward_variant(no_gamma=True), "dx was not multiplied by gamma"),
+    (ln_backward_sum_dim0_only, r"`dgamma` has shape \(3, 5\).*sum it over ALL leading dims"),
+    (ln_backward_dgamma_with_x, r"dgamma sums dout \* x"),
+    (ln_backward_dbeta_mean, "dbeta is a mean over the leading dims"),
+]
+
+
+# ---- RMSNorm -----------------------------------------------------------------------------
+def rms_subtracts_mean(x, weight, eps=1e-6):
+    c = x - x.mean(-1, keepdim=True)
+    return c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def rms_eps_outside(x, weight, eps=1e-6):
+    return x / (x.pow(2).mean(-1, keepdim=True).sqrt() + eps) * weight
+
+
+def rms_sum(x, weight, eps=1e-6):
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps) * weight
+
+
+def rms_no_sqrt(x, weight, eps=1e-6):
+    return x / (x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def rms_no_weight(x, weight, eps=1e-6):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def rms_default_eps(x, weight, eps=1e-5):
+    return rms_torch(x, weight, eps)
+
+
+def rms_all_dims(x, weight, eps=1e-6):
+    dims = tuple(range(1, x.dim())) if x.dim() > 1 else (0,)
+    return x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps) * weight
+
+
+RMS_MISTAKES = [
+    (rms_subtracts_mean, r"the mean was subtracted first \(that is LayerNorm\)"),
+    (rms_eps_outside, "eps was added outside the square root"),
+    (rms_sum, "the squares were summed, not averaged"),
+    (rms_no_sqrt, "without the square root"),
+    (rms_no_weight, "the weight was not applied"),
+    (rms_default_eps, "the default eps is not 1e-6"),
+    (rms_all_dims, "taken over every dim but the first"),
+]
+
+MISTAKES = (
+    [("batchnorm_forward", f, m) for f, m in BN_FORWARD_MISTAKES]
+    + [("batchnorm_backward", f, m) for f, m in BN_BACKWARD_MISTAKES]
+    + [("layernorm_forward", f, m) for f, m in LN_FORWARD_MISTAKES]
+    + [("layernorm_backward", f, m) for f, m in LN_BACKWARD_MISTAKES]
+    + [("rmsnorm_forward", f, m) for f, m in RMS_MISTAKES]
+)
+
+
+@pytest.mark.parametrize(
+    ("exercise_id", "fn", "message"),
+    MISTAKES,
+    ids=[f"{ex}-{i}-{getattr(f, '__name__', 'variant')}" for i, (ex, f, _) in enumerate(MISTAKES)],
+)
+def test_planted_mistake_is_named(exercise_id, fn, message):
+    for seed in MISTAKE_SEEDS:
+        with pytest.raises(cu.CheckFailure, match=message):
+            cu.check(exercise_id, fn, seed=seed, strict=True)
+
+
+# =====================================================================================
+# Pending stubs, registration, timing, SyncBatchNorm demo
+# =====================================================================================
+def _stub(*args, **kwargs):
+    raise NotImplementedError("write me")
+
+
+@pytest.mark.parametrize("exercise_id", list(CORRECT))
+def test_stub_is_pending_in_learn_mode_and_fails_in_strict_mode(exercise_id, monkeypatch, capsys):
+    monkeypatch.delenv("COURSE_STRICT", raising=False)
+    report = cu.check(exercise_id, _stub)
+    assert report.status == "pending"
+    assert "not implemented yet" in capsys.readouterr().out
+    with pytest.raises(cu.CheckFailure, match="not implemented yet"):
+        cu.check(exercise_id, _stub, strict=True)
+    monkeypatch.setenv("COURSE_STRICT", "1")
+    with pytest.raises(cu.CheckFailure, match="strict mode"):
+        cu.check(exercise_id, _stub)
+
+
+def test_exercises_of_chapter_06_are_registered_with_their_contract():
+    listed = {e.id: e for e in cu.exercises("06")}
+    assert set(listed) == set(CORRECT)
+    assert listed["batchnorm_forward"].signature == (
+        "(x, gamma, beta, running_mean, running_var, momentum=0.1, eps=1e-5, training=True) "
+        "-> (out, new_running_mean, new_running_var)"
+    )
+    assert (
+        listed["batchnorm_backward"].signature
+        == "(dout, x, gamma, eps=1e-5) -> (dx, dgamma, dbeta)"
+    )
+    assert listed["layernorm_forward"].signature == "(x, gamma, beta, eps=1e-5) -> out"
+    assert (
+        listed["layernorm_backward"].signature
+        == "(dout, x, gamma, eps=1e-5) -> (dx, dgamma, dbeta)"
+    )
+    assert listed["rmsnorm_forward"].signature == "(x, weight, eps=1e-6) -> out"
+    assert listed["batchnorm_backward"].backward and listed["layernorm_backward"].backward
+    assert not listed["batchnorm_forward"].backward
+
+
+def test_report_check_seconds(capsys):
+    """Times each check on the reference and the slowest correct style, one thread; reported, never asserted."""
+    lines = []
+    for exercise_id, slow in SLOWEST.items():
+        for label, fn in (("reference", cu.reference(exercise_id)), (slow.__name__, slow)):
+            start = time.perf_counter()
+            cu.check(exercise_id, fn, strict=True)
+            lines.append(f"{exercise_id:20s} {label:18s} {time.perf_counter() - start:.3f} s")
+    with capsys.disabled():
+        print("\n" + "\n".join(lines))
+
+
+def test_sync_batchnorm_statistics_match_batchnorm_on_the_whole_batch():
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 2, 3, dtype=torch.float64) * 2 + 1
+    try:
+        res = ch06.sync_batchnorm_statistics([x[:2], x[2:]])
+    except Exception as err:  # noqa: BLE001 - no process group on this machine is a skip, not a failure
+        pytest.skip(f"the gloo process group could not start: {err}")
+    want = F.batch_norm(x, None, None, training=True, eps=1e-5)
+    torch.testing.assert_close(res["y"], want)
+    for mean, var in zip(res["mean"], res["var"], strict=True):
+        torch.testing.assert_close(mean, x.mean((0, 2, 3)))
+        torch.testing.assert_close(var, x.var((0, 2, 3), unbiased=False))
