@@ -758,14 +758,18 @@ def _check_residual_case(
     case = f"{base}, residual branch switched off (bn2 weight and bias set to 0)"
     dout = t.randn(n, cout, ho, wo, dtype=dtype)
 
+    # A scalar objective, not grad_outputs=dout: passing a tensor of output gradients makes
+    # torch.autograd import sympy (about 2 s) on first use, which would blow the time budget.
     def grad_through_block(x: Tensor) -> Tensor:
         xr = x.detach().clone().requires_grad_(True)
-        (g,) = torch.autograd.grad(block(xr), xr, dout)
+        (g,) = torch.autograd.grad((block(xr) * dout).sum(), xr)
         return g
 
     grad_through_block.__name__ = "ResidualBlock.forward"
     xr = x.detach().clone().requires_grad_(True)
-    (expected_dx,) = torch.autograd.grad(_residual_forward(xr, p_off, stride, True), xr, dout)
+    (expected_dx,) = torch.autograd.grad(
+        (_residual_forward(xr, p_off, stride, True) * dout).sum(), xr
+    )
     dx = t.call(case, x=x, fn=grad_through_block)
     if torch.is_tensor(dx) and dx.shape == x.shape and float(dx.abs().max()) == 0.0:
         t.fail(
@@ -809,7 +813,7 @@ def _call_residual(
 
 def _vjp(x: Tensor, p: dict[str, Any], stride: int, variant: str, dout: Tensor) -> Tensor:
     xr = x.detach().clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(_residual_forward(xr, p, stride, True, variant), xr, dout)
+    (g,) = torch.autograd.grad((_residual_forward(xr, p, stride, True, variant) * dout).sum(), xr)
     return g
 
 
