@@ -1,7 +1,7 @@
 """pytest plugin: strict checks in solutions/ notebooks, learn mode in course/ notebooks.
 
 nbval starts a notebook's kernel while setting up its first cell, after this
-plugin's ``tryfirst`` wrapper has set ``COURSE_STRICT`` (and ``MPLBACKEND``) for it;
+plugin's ``tryfirst`` wrapper has set ``COURSE_STRICT`` (and ``MPLBACKEND``, ``OMP_NUM_THREADS``);
 the variables are restored once the kernel is up, so other tests never see them.
 """
 
@@ -32,9 +32,12 @@ def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
     value = strict_value(Path(str(item.path)))
     if value is None:
         return (yield)
-    saved = {key: os.environ.get(key) for key in ("COURSE_STRICT", "MPLBACKEND")}
+    saved = {key: os.environ.get(key) for key in ("COURSE_STRICT", "MPLBACKEND", "OMP_NUM_THREADS")}
     os.environ["COURSE_STRICT"] = value
     os.environ["MPLBACKEND"] = "Agg"
+    # Two xdist workers share two cores: one thread per kernel avoids oversubscription,
+    # which slows the chapters' small tensors several times over.
+    os.environ["OMP_NUM_THREADS"] = "1"
     try:
         return (yield)
     finally:

@@ -205,3 +205,26 @@ def test_every_registered_reference_passes_its_own_battery_quickly():
 def test_check_failure_renders_without_checker_frames_in_ipython():
     err = cu.CheckFailure("softmax: in case x, wrong")
     assert err._render_traceback_() == ["\x1b[31mCheckFailure\x1b[0m: softmax: in case x, wrong"]
+
+
+def test_autograd_imported_early_and_reenabled_is_still_refused(toy_exercises):
+    from torch.autograd import grad as early_grad
+
+    def sneaky(dout, x):
+        with torch.enable_grad():
+            x = x.clone().requires_grad_(True)
+            return early_grad(2 * x, x, dout)[0]
+
+    with pytest.raises(cu.CheckFailure, match="derive the gradient by hand"):
+        cu.check("toy_double_backward", sneaky)
+    x = torch.ones(2, requires_grad=True)
+    (x * 3).sum().backward()
+    assert torch.equal(x.grad, torch.full((2,), 3.0))
+
+
+def test_check_runs_on_one_thread_and_restores_the_setting(toy_exercises):
+    seen = []
+    before = torch.get_num_threads()
+    cu.check("toy_double", lambda x: seen.append(torch.get_num_threads()) or 2 * x)
+    assert set(seen) == {1}
+    assert torch.get_num_threads() == before

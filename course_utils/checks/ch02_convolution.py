@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..checking import REGISTRY, CheckFailure, Tester, exercise
+from ..checking import CheckFailure, Tester, exercise
 from ..gradcheck import numerical_gradient
 
 CHAPTER = "02_convolution"
@@ -798,12 +798,6 @@ def check_conv2d_forward_loops(t: Tester) -> None:
 def check_conv2d_forward(t: Tester) -> None:
     """Against F.conv2d: int and pair hyper-parameters, 1x1 and full-size kernels, bias None, float32."""
     _check_conv_forward(t)
-
-
-# The contract's signature has shapes in parentheses inside the argument list, which the
-# registry's parser reads as argument names; name the arguments explicitly for its messages.
-for _id in ("conv2d_forward", "conv2d_forward_loops"):
-    REGISTRY[_id].arg_names = ("x", "weight", "bias", "stride", "padding")
 
 
 # ---- convolution backward -------------------------------------------------------------------
