@@ -13,6 +13,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import course_utils as cu
 from course_utils.checks import ch10_positional_encoding as ch10
@@ -296,6 +298,10 @@ def pe_float32_loose(L, d):
     return pe
 
 
+def pe_integer_division(L, d):
+    return _pe(L, d, lambda k, d: torch.div(2 * (k // 2), d, rounding_mode="floor"))
+
+
 def pe_half(L, d):
     return ch10.ref_sinusoidal_positional_encoding(L, d).half()
 
@@ -318,6 +324,7 @@ PE_MISTAKES = [
         r"max_len=9, d_model=7 \(odd d_model: the last column is a sine\).*`PE` is wrong",
     ),
     (pe_float32_loose, r"`PE` is wrong: max relative error"),
+    (pe_integer_division, r"exponent 2i/d was computed with integer division"),
     (pe_half, "should be float32 or float64, but it has dtype float16"),
     (pe_transposed, r"should have shape \(6, 4\)"),
 ]
@@ -375,6 +382,19 @@ def rope_ignores_base(x, positions, base=10000.0):
 
 def rope_cos_sin_swapped(x, positions, base=10000.0):
     return _rope(x, positions, base, swap=True)
+
+
+def rope_integer_division(x, positions, base=10000.0):
+    d = x.shape[-1]
+    exps = torch.div(torch.arange(0, d, 2), d, rounding_mode="floor").double()  # all 0
+    return _rope(x, positions, base, inv_freq=base**-exps)
+
+
+def rope_d_from_dim1(x, positions, base=10000.0):
+    """d read as x.shape[1]: right for 2-D x only."""
+    d = x.shape[1]
+    f = base ** (-torch.arange(0, x.shape[-1], 2, dtype=torch.float64) * 2 / (2 * d))
+    return _rope(x, positions, base, inv_freq=f)
 
 
 def rope_float64_out(x, positions, base=10000.0):
@@ -465,6 +485,15 @@ def alibi_paper(n, L):
     return _alibi(n, L, ch10._paper_slopes(n))
 
 
+def alibi_integer_division(n, L):
+    return _alibi(n, L, 2.0 ** -torch.div(8 * (_h(n) + 1), n, rounding_mode="floor"))
+
+
+def alibi_fairseq_rows(n, L):
+    m = 2.0 ** (-8 * (_h(n) + 1) / n)
+    return (m[:, None, None] * torch.arange(L, dtype=torch.float64)).expand(n, L, L).tril()
+
+
 def alibi_int(n, L):
     return ch10.ref_alibi_bias(n, L).nan_to_num(neginf=0).round().long()
 
@@ -488,6 +517,8 @@ ALIBI_MISTAKES = [
     (alibi_exp, "the slopes use e instead of 2"),
     (alibi_no_minus_exponent, "the exponent's minus sign is missing"),
     (alibi_paper, "the ALiBi paper's rule for a head count that is not a power of two"),
+    (alibi_integer_division, r"8 \* \(h \+ 1\) // n"),
+    (alibi_fairseq_rows, r"bias\[h, i, j\] = m_h \* j: the row-shifted form"),
     (alibi_int, "should be float32 or float64, but it has dtype int64"),
     (alibi_no_head_dim, r"should have shape \(8, 6, 6\)"),
     (alibi_nan_diagonal, r"`bias \(j <= i\)` is wrong"),
@@ -545,3 +576,36 @@ def test_reference_rope_has_the_taught_properties():
     torch.testing.assert_close(qr.norm(dim=-1), q.norm(dim=-1))
     qs, ks = ch10.ref_apply_rope(q, pos + 100), ch10.ref_apply_rope(k, pos + 100)
     torch.testing.assert_close(qs @ ks.T, qr @ kr.T)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lead=st.lists(st.integers(1, 3), max_size=2),
+    L=st.integers(1, 6),
+    pairs=st.integers(1, 5),
+    base=st.sampled_from([10.0, 10000.0, 1e6]),
+    data=st.data(),
+)
+def test_reference_rope_agrees_with_other_styles_on_random_shapes(lead, L, pairs, base, data):
+    """The battery's reference against the complex and rotation-matrix styles, on shapes hypothesis picks."""
+    positions = torch.tensor(data.draw(st.lists(st.integers(0, 5000), min_size=L, max_size=L)))
+    x = torch.randn(*lead, L, 2 * pairs, dtype=torch.float64)
+    ref = ch10.ref_apply_rope(x, positions, base)
+    torch.testing.assert_close(rope_complex(x, positions, base), ref, rtol=0, atol=1e-11)
+    torch.testing.assert_close(rope_matrix(x, positions, base), ref, rtol=0, atol=1e-11)
+
+
+@settings(max_examples=30, deadline=None)
+@given(max_len=st.integers(1, 40), d=st.integers(1, 20))
+def test_reference_pe_agrees_with_loops_on_random_sizes(max_len, d):
+    torch.testing.assert_close(
+        ch10.ref_sinusoidal_positional_encoding(max_len, d), pe_loops(max_len, d)
+    )
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 20), L=st.integers(1, 12))
+def test_reference_alibi_agrees_with_loops_on_random_sizes(n, L):
+    ref = ch10.ref_alibi_bias(n, L)
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    torch.testing.assert_close(ref[:, causal], alibi_loops(n, L)[:, causal])

@@ -135,6 +135,16 @@ def _pe_mistakes(max_len: int, d: int) -> list:
             "positions start at 1 instead of 0 (row p is position p, so row 0 is sin 0 = 0, cos 0 = 1).",
             lambda: pe(max_len + 1, d)[1:],
         ),
+        (
+            "every pair has frequency 1: the exponent 2i/d was computed with integer division "
+            "(2 * i // d is 0 for every column), so all angles are just p.",
+            lambda: _pe_from_freqs(
+                max_len,
+                d,
+                torch.ones(len(w), dtype=torch.float64),
+                torch.ones(h, dtype=torch.float64),
+            ),
+        ),
     ]
 
 
@@ -222,6 +232,13 @@ def _rope_mistakes(x: Tensor, positions: Tensor, base: float) -> list:
             "cos and sin are swapped in the rotation.",
             lambda: _rope_general(x, positions, base, swap=True),
         ),
+        (
+            "every pair was rotated by positions * 1: the exponent 2i/d was computed with integer "
+            "division (2 * i // d is 0), so all frequencies are base^0 = 1.",
+            lambda: _rope_general(
+                x, positions, base, inv_freq=torch.ones(d // 2, dtype=torch.float64)
+            ),
+        ),
     ]
 
 
@@ -267,6 +284,23 @@ def _alibi_mistakes(num_heads: int, seq_len: int, ref: Tensor, upper: Tensor) ->
             "(slopes of the nearest power of two, then every other slope of twice that many); the "
             "contract uses m_h = 2^(-8(h+1)/n) for every n.",
             lambda: with_slopes(_paper_slopes(num_heads)),
+        ),
+        (
+            "the exponent 8(h+1)/n was computed with integer division (8 * (h + 1) // n), which rounds "
+            "it down when n does not divide 8(h+1).",
+            lambda: with_slopes(
+                torch.pow(2.0, -torch.div(8 * (h + 1), num_heads, rounding_mode="floor"))
+            ),
+        ),
+        (
+            "bias[h, i, j] = m_h * j: the row-shifted form of the original fairseq code. Inside a softmax "
+            "it gives the same weights (it differs from -m_h (i - j) by m_h * i, a constant per row), but "
+            "the contract asks for -m_h (i - j), which is 0 on the diagonal and negative below it.",
+            lambda: (
+                (alibi_slopes(num_heads)[:, None, None] * i[None, None, :])
+                .expand(-1, seq_len, -1)
+                .masked_fill(upper, 0.0)
+            ),
         ),
     ]
 
