@@ -302,6 +302,11 @@ def pe_integer_division(L, d):
     return _pe(L, d, lambda k, d: torch.div(2 * (k // 2), d, rounding_mode="floor"))
 
 
+def pe_float32_cast_up(L, d):
+    """Computed in float32, returned as float64: float64 dtype promises float64 precision."""
+    return pe_exp_log_float32(L, d).double()
+
+
 def pe_half(L, d):
     return ch10.ref_sinusoidal_positional_encoding(L, d).half()
 
@@ -325,6 +330,7 @@ PE_MISTAKES = [
     ),
     (pe_float32_loose, r"`PE` is wrong: max relative error"),
     (pe_integer_division, r"exponent 2i/d was computed with integer division"),
+    (pe_float32_cast_up, r"max_len=6, d_model=4 \(small\), `PE` is only float32-accurate"),
     (pe_half, "should be float32 or float64, but it has dtype float16"),
     (pe_transposed, r"should have shape \(6, 4\)"),
 ]
