@@ -36,12 +36,14 @@ def _scores_bias(
     bias = None
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
-            bias = torch.zeros(attn_mask.shape, dtype=dtype).masked_fill(~attn_mask, float("-inf"))
+            bias = torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device).masked_fill(
+                ~attn_mask, float("-inf")
+            )
         else:
             bias = attn_mask.to(dtype)
     if is_causal:
         c = torch.zeros(L, S, dtype=dtype).masked_fill(~causal_mask(L, S), float("-inf"))
-        bias = c if bias is None else bias + c
+        bias = c if bias is None else bias + c.to(bias.device)
     return bias
 
 
@@ -50,6 +52,7 @@ def ref_scaled_dot_product_attention(
 ) -> Tensor:
     """softmax(q k^T / sqrt(d) + mask) v, as F.scaled_dot_product_attention."""
     bias = _scores_bias(q.shape[-2], k.shape[-2], q.dtype, attn_mask, is_causal)
+    bias = None if bias is None else bias.to(q.device)
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (..., L, S)
     if bias is not None:
         scores = scores + bias
@@ -110,16 +113,18 @@ def ref_flash_attention_forward(
     blocks = []
     for i0 in range(0, L, b):
         qi = q[..., i0 : i0 + b, :] * scale  # (..., bq, d)
-        m = torch.full(qi.shape[:-1] + (1,), float("-inf"), dtype=q.dtype)  # running max
+        m = torch.full(qi.shape[:-1] + (1,), float("-inf"), dtype=q.dtype, device=q.device)
         ell = torch.zeros_like(m)  # running sum of exp(s - m)
-        acc = torch.zeros(qi.shape[:-1] + (v.shape[-1],), dtype=q.dtype)  # (..., bq, dv)
+        acc = torch.zeros(
+            qi.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device
+        )  # (..., bq, dv)
         for j0 in range(0, S, b):
             if is_causal and j0 > i0 + qi.shape[-2] - 1:
                 break  # every key from here on lies in every query's future
             s = qi @ k[..., j0 : j0 + b, :].transpose(-2, -1)  # (..., bq, bk)
             if is_causal:
-                rows = torch.arange(i0, i0 + s.shape[-2])[:, None]
-                cols = torch.arange(j0, j0 + s.shape[-1])[None, :]
+                rows = torch.arange(i0, i0 + s.shape[-2], device=q.device)[:, None]
+                cols = torch.arange(j0, j0 + s.shape[-1], device=q.device)[None, :]
                 s = s.masked_fill(cols > rows, float("-inf"))
             m_new = torch.maximum(m, s.amax(-1, keepdim=True))
             safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
