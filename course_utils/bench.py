@@ -35,7 +35,12 @@ def time_notebook(path: Path, strict: bool, timeout: int = 600) -> float:
     os.environ.setdefault("MPLBACKEND", "Agg")
     try:
         start = time.perf_counter()
-        NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+        NotebookClient(
+            nb,
+            timeout=timeout,
+            kernel_name="python3",
+            resources={"metadata": {"path": str(path.parent)}},
+        ).execute()
         return time.perf_counter() - start
     finally:
         if env_before is None:
@@ -60,10 +65,14 @@ def time_checks(seeds: int = 5) -> dict[str, float]:
 
 def _budget(path: Path) -> float:
     nb = nbformat.read(path, as_version=4)
-    return LONG_NOTEBOOK_BUDGET_S if nb.metadata.get("course", {}).get("long") else NOTEBOOK_BUDGET_S
+    return (
+        LONG_NOTEBOOK_BUDGET_S if nb.metadata.get("course", {}).get("long") else NOTEBOOK_BUDGET_S
+    )
 
 
-def write_table(root: Path, notebooks: dict[str, tuple[float, float, float]], checks: dict[str, float]) -> Path:
+def write_table(
+    root: Path, notebooks: dict[str, tuple[float, float, float]], checks: dict[str, float]
+) -> Path:
     """Write the markdown timings table to ``.ci/timings.md`` and return its path."""
     by_chapter: dict[str, tuple[str, float]] = {}
     for ex in exercises():
@@ -84,7 +93,9 @@ def write_table(root: Path, notebooks: dict[str, tuple[float, float, float]], ch
     for stem, (sol, stu, budget) in sorted(notebooks.items()):
         ex_id, secs = by_chapter.get(stem, ("-", 0.0))
         ok = sol < budget and stu < budget and secs < CHECK_BUDGET_S
-        lines.append(f"| {stem} | {sol:.1f} | {stu:.1f} | {budget:.0f} | {ex_id} {secs:.2f} | {'yes' if ok else 'NO'} |")
+        lines.append(
+            f"| {stem} | {sol:.1f} | {stu:.1f} | {budget:.0f} | {ex_id} {secs:.2f} | {'yes' if ok else 'NO'} |"
+        )
     lines += ["", "| exercise | slowest check over 5 seeds (s) |", "|---|---:|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in checks.items()]
     path = root / ".ci" / "timings.md"
@@ -96,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     """Measure and write the table; ``--only NN`` limits the notebooks timed."""
     parser = argparse.ArgumentParser(prog="course bench", description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path.cwd(), help="repository root")
-    parser.add_argument("--only", nargs="*", default=None, help="chapter numbers to time, e.g. 00 01")
+    parser.add_argument(
+        "--only", nargs="*", default=None, help="chapter numbers to time, e.g. 00 01"
+    )
     args = parser.parse_args(argv)
     root = args.root
     notebooks: dict[str, tuple[float, float, float]] = {}

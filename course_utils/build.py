@@ -249,9 +249,7 @@ def student_notebook(
     }
     nb = v4.new_notebook(cells=cells, metadata=keep)
     # Flags such as ``long`` (a notebook allowed 180 s) apply to the student copy too.
-    flags = {
-        k: v for k, v in solution.metadata.get("course", {}).items() if k not in {"chapter"}
-    }
+    flags = {k: v for k, v in solution.metadata.get("course", {}).items() if k not in {"chapter"}}
     nb.metadata["course"] = {
         **flags,
         "chapter": chapter,

@@ -90,7 +90,10 @@ class Report:
             (r.case, r.quantity, _fmt(r.max_abs), _fmt(r.max_rel), r.verdict) for r in self.rows
         ]
         widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=False)]
-        lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)) for line in [head, *body]]
+        lines = [
+            "  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True))
+            for line in [head, *body]
+        ]
         lines.insert(1, "  ".join("-" * w for w in widths))
         return "\n".join(lines)
 
@@ -201,7 +204,9 @@ def get_exercise(exercise_id: str) -> Exercise:
     if exercise_id not in reg:
         close = difflib.get_close_matches(str(exercise_id), list(reg), n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise KeyError(f"No exercise is called {exercise_id!r}.{hint} cu.exercises() lists them all.")
+        raise KeyError(
+            f"No exercise is called {exercise_id!r}.{hint} cu.exercises() lists them all."
+        )
     return reg[exercise_id]
 
 
@@ -224,7 +229,9 @@ def exercises(chapter: str | None = None) -> ExerciseList:
     out = ExerciseList(_registry().values())
     if chapter is not None:
         chapter = str(chapter)
-        out = ExerciseList(e for e in out if e.chapter == chapter or e.chapter.split("_")[0] == chapter.zfill(2))
+        out = ExerciseList(
+            e for e in out if e.chapter == chapter or e.chapter.split("_")[0] == chapter.zfill(2)
+        )
     return out
 
 
@@ -235,11 +242,15 @@ def strict_mode(strict: bool | None = None) -> bool:
     return os.environ.get("COURSE_STRICT", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def check(exercise_id: str, fn: Callable[..., Any], *, strict: bool | None = None, seed: int = 0) -> Report:
+def check(
+    exercise_id: str, fn: Callable[..., Any], *, strict: bool | None = None, seed: int = 0
+) -> Report:
     """Run the battery of ``exercise_id`` on ``fn`` and return a Report; raise CheckFailure if wrong."""
     ex = get_exercise(exercise_id)
     if not callable(fn):
-        raise CheckFailure(f"{exercise_id}: expected a function (or class), got {type(fn).__name__}.")
+        raise CheckFailure(
+            f"{exercise_id}: expected a function (or class), got {type(fn).__name__}."
+        )
     tester = Tester(ex, fn, seed)
     start = time.perf_counter()
     try:
@@ -252,7 +263,9 @@ def check(exercise_id: str, fn: Callable[..., Any], *, strict: bool | None = Non
                 f"{exercise_id} is not implemented yet (it raised NotImplementedError), "
                 "and strict mode (grading, COURSE_STRICT=1) counts that as a failure."
             ) from None
-        report = Report(exercise_id, "pending", message="Write the function above, then run this cell again.")
+        report = Report(
+            exercise_id, "pending", message="Write the function above, then run this cell again."
+        )
         print(report.headline())
         return report
     except CheckFailure as failure:
@@ -311,7 +324,12 @@ def _autograd_forbidden() -> Iterator[None]:
             return refuse
 
     variable = torch.autograd.variable.Variable
-    saved = (torch.autograd.backward, torch.autograd.grad, torch.Tensor.backward, variable._execution_engine)
+    saved = (
+        torch.autograd.backward,
+        torch.autograd.grad,
+        torch.Tensor.backward,
+        variable._execution_engine,
+    )
     torch.autograd.backward = refuse
     torch.autograd.grad = refuse
     torch.Tensor.backward = refuse
@@ -320,7 +338,12 @@ def _autograd_forbidden() -> Iterator[None]:
         with torch.no_grad():
             yield
     finally:
-        (torch.autograd.backward, torch.autograd.grad, torch.Tensor.backward, variable._execution_engine) = saved
+        (
+            torch.autograd.backward,
+            torch.autograd.grad,
+            torch.Tensor.backward,
+            variable._execution_engine,
+        ) = saved
 
 
 def _describe(x: Any) -> str:
@@ -330,7 +353,11 @@ def _describe(x: Any) -> str:
         return "None"
     if isinstance(x, tuple | list):
         return f"a {type(x).__name__} of length {len(x)}"
-    return f"a {type(x).__module__.split('.')[0]}.{type(x).__name__}" if type(x).__module__ != "builtins" else f"a {type(x).__name__}"
+    return (
+        f"a {type(x).__module__.split('.')[0]}.{type(x).__name__}"
+        if type(x).__module__ != "builtins"
+        else f"a {type(x).__name__}"
+    )
 
 
 def _snapshot(x: Any) -> Any:
@@ -343,7 +370,9 @@ def _snapshot(x: Any) -> Any:
 
 def _unchanged(before: Any, after: Any) -> bool:
     if torch.is_tensor(before):
-        return before.shape == after.shape and bool(torch.equal(torch.nan_to_num(before), torch.nan_to_num(after.detach())))
+        return before.shape == after.shape and bool(
+            torch.equal(torch.nan_to_num(before), torch.nan_to_num(after.detach()))
+        )
     if isinstance(before, tuple | list):
         return all(_unchanged(b, a) for b, a in zip(before, after, strict=True))
     return True
@@ -353,13 +382,17 @@ def _learner_line(tb: Any) -> str:
     frames = [
         f
         for f in traceback.extract_tb(tb)
-        if "course_utils" not in f.filename and "site-packages" not in f.filename and "/lib/python" not in f.filename
+        if "course_utils" not in f.filename
+        and "site-packages" not in f.filename
+        and "/lib/python" not in f.filename
     ]
     if not frames:
         return ""
     f = frames[-1]
     code = (f.line or "").strip()
-    return f" (in {f.name}, line {f.lineno}: `{code}`)" if code else f" (in {f.name}, line {f.lineno})"
+    return (
+        f" (in {f.name}, line {f.lineno}: `{code}`)" if code else f" (in {f.name}, line {f.lineno})"
+    )
 
 
 class Tester:
@@ -388,7 +421,9 @@ class Tester:
         return torch.rand(*shape, generator=self.gen, dtype=torch.float64).to(dtype)
 
     # ---- calling the learner's function ---------------------------------------------
-    def call(self, case: str, *args: Any, fn: Callable[..., Any] | None = None, **kwargs: Any) -> Any:
+    def call(
+        self, case: str, *args: Any, fn: Callable[..., Any] | None = None, **kwargs: Any
+    ) -> Any:
         """Call the learner's function on ``args``; guard inputs, autograd and exceptions."""
         fn = self.fn if fn is None else fn
         before = [_snapshot(a) for a in args]
@@ -443,7 +478,10 @@ class Tester:
     def unpack(self, case: str, out: Any, names: Sequence[str]) -> tuple[Any, ...]:
         """Check that ``out`` is a tuple of ``len(names)`` things and return it."""
         if not isinstance(out, tuple | list) or len(out) != len(names):
-            self.fail(case, f"expected a tuple ({', '.join(names)}), but the function returned {_describe(out)}.")
+            self.fail(
+                case,
+                f"expected a tuple ({', '.join(names)}), but the function returned {_describe(out)}.",
+            )
         return tuple(out)
 
     def expect_tensor(
@@ -466,7 +504,10 @@ class Tester:
         if not torch.is_tensor(got):
             self.fail(case, f"`{quantity}` should be {wanted}, but it is {_describe(got)}.")
         if shape is not None and tuple(got.shape) != tuple(shape):
-            self.fail(case, f"`{quantity}` should have shape {tuple(shape)}, but it has shape {tuple(got.shape)}.")
+            self.fail(
+                case,
+                f"`{quantity}` should have shape {tuple(shape)}, but it has shape {tuple(got.shape)}.",
+            )
         if dtype is not None and got.dtype != dtype:
             self.fail(
                 case,
@@ -503,7 +544,11 @@ class Tester:
         """
         dtype = expected.dtype if dtype is None else dtype
         got = self.expect_tensor(case, quantity, got, shape=expected.shape, dtype=dtype)
-        scale = float(expected.detach().abs().max()) if expected.numel() and torch.isfinite(expected).all() else 1.0
+        scale = (
+            float(expected.detach().abs().max())
+            if expected.numel() and torch.isfinite(expected).all()
+            else 1.0
+        )
         d_rtol, d_atol = self.tolerances(dtype, scale)
         rtol = d_rtol if rtol is None else rtol
         atol = d_atol if atol is None else atol

@@ -21,7 +21,9 @@ def load_digits(test_fraction: float = 0.25, seed: int = 0) -> tuple[Split, Spli
         from sklearn.datasets import load_digits as _load
         from sklearn.model_selection import train_test_split
     except ImportError as err:  # scikit-learn is an optional extra
-        raise ImportError("This chapter needs scikit-learn: pip install 'course-utils[chapters]'") from err
+        raise ImportError(
+            "This chapter needs scikit-learn: pip install 'course-utils[chapters]'"
+        ) from err
     data = _load()
     x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
     y = torch.tensor(data.target, dtype=torch.int64)

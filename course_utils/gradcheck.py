@@ -147,7 +147,9 @@ def gradcheck_function(fn: Callable[..., Tensor], *inputs: Tensor, **kwargs) -> 
     """
     call = fn.apply if isinstance(fn, type) and issubclass(fn, torch.autograd.Function) else fn
     xs = tuple(
-        x.detach().to(torch.float64).requires_grad_(x.is_floating_point()) if torch.is_tensor(x) else x
+        x.detach().to(torch.float64).requires_grad_(x.is_floating_point())
+        if torch.is_tensor(x)
+        else x
         for x in inputs
     )
     try:

@@ -380,13 +380,22 @@ def training_flag_renamed(x, p, train=True):
 
 
 MISTAKES = [
-    (non_inverted, r"survivors were scaled by \(1-p\), as in the original \(non-inverted\) dropout"),
+    (
+        non_inverted,
+        r"survivors were scaled by \(1-p\), as in the original \(non-inverted\) dropout",
+    ),
     (original_formulation, r"survivors were not rescaled"),
-    (eval_times_one_minus_p, r"in eval mode the output was multiplied by \(1-p\): that is the test-time rule"),
+    (
+        eval_times_one_minus_p,
+        r"in eval mode the output was multiplied by \(1-p\): that is the test-time rule",
+    ),
     (no_scaling, r"survivors were not rescaled"),
     (active_in_eval, r"entries were zeroed with training=False"),
     (scales_in_eval, r"in eval mode the output was divided by \(1-p\)"),
-    (keep_probability_swapped, r"with p=0 every entry was zeroed: p is the probability of DROPPING"),
+    (
+        keep_probability_swapped,
+        r"with p=0 every entry was zeroed: p is the probability of DROPPING",
+    ),
     (bernoulli_of_p, r"with p=0 every entry was zeroed: p is the probability of DROPPING"),
     (keep_prob_convention, r"survivors were scaled by 1/p; p is the probability of DROPPING"),
     (wrong_comparison_scale, r"survivors were scaled by 1/p; p is the probability of DROPPING"),
@@ -400,10 +409,16 @@ MISTAKES = [
     (modifies_x_in_place, r"changed its input `x` in place"),
     (masked_assignment_in_place, r"changed its input `x` in place"),
     (mask_cached_by_shape, r"both calls zeroed exactly the same entries\. .*drawn once and reused"),
-    (reseeds_inside, r"both calls zeroed exactly the same entries\. .*reseeded inside the function"),
+    (
+        reseeds_inside,
+        r"both calls zeroed exactly the same entries\. .*reseeded inside the function",
+    ),
     (returns_bool_mask, r"returned a bool tensor: that looks like the mask itself"),
     (returns_scaled_mask, r"the output is the scaled mask m/\(1-p\) itself"),
-    (returns_output_and_mask, r"returned a tuple of length 2; the contract returns only the output tensor"),
+    (
+        returns_output_and_mask,
+        r"returned a tuple of length 2; the contract returns only the output tensor",
+    ),
     (default_training_false, r"the contract's default is training=True"),
     (p_hard_coded, r"p seems to be hard-coded to 0\.5"),
     (multiplies_by_uniform_noise, r"not x times one common factor: the mask must be 0 or 1"),
@@ -429,7 +444,14 @@ def _breaks_contract(fn) -> bool:
     gen = torch.Generator().manual_seed(11)
     for dtype in (torch.float64, torch.float32):
         x = (torch.rand(40, 30, 20, generator=gen, dtype=torch.float64) + 0.5).to(dtype)
-        for p, training in ((0.3, True), (0.5, True), (0.0, True), (1.0, True), (0.3, False), (1.0, False)):
+        for p, training in (
+            (0.3, True),
+            (0.5, True),
+            (0.0, True),
+            (1.0, True),
+            (0.3, False),
+            (1.0, False),
+        ):
             before = x.clone()
             try:
                 y = fn(x, p, training=training)
@@ -446,7 +468,11 @@ def _breaks_contract(fn) -> bool:
                 if not torch.equal(y, x):
                     return True
                 continue
-            if not torch.is_tensor(y2) or y2.shape != x.shape or bool((y2 == 0).any()) != bool((y == 0).any()):
+            if (
+                not torch.is_tensor(y2)
+                or y2.shape != x.shape
+                or bool((y2 == 0).any()) != bool((y == 0).any())
+            ):
                 return True  # the default must be training=True
             kept = y != 0
             if not torch.allclose(y[kept].double(), x[kept].double() / (1 - p), rtol=1e-5):
@@ -497,7 +523,10 @@ def drops_at_half_the_rate(x, p, training=True):
 def test_a_wrong_drop_rate_with_right_scaling_fails_the_fraction_test():
     """Every survivor is exactly x/(1-p), so only the count of zeros can tell."""
     for seed in MISTAKE_SEEDS:
-        with pytest.raises(cu.CheckFailure, match=r"2\d\.\d\d% of the entries were zeroed with p=0\.5; a correct dropout zeroes 50%"):
+        with pytest.raises(
+            cu.CheckFailure,
+            match=r"2\d\.\d\d% of the entries were zeroed with p=0\.5; a correct dropout zeroes 50%",
+        ):
             cu.check("dropout", drops_at_half_the_rate, seed=seed, strict=True)
 
 
@@ -521,7 +550,9 @@ half_shared_across_calls.last = None
 
 def test_partially_reused_mask_fails_the_across_calls_test():
     half_shared_across_calls.last = None
-    with pytest.raises(cu.CheckFailure, match=r"zeroed by both calls .* must be independent|drawn once"):
+    with pytest.raises(
+        cu.CheckFailure, match=r"zeroed by both calls .* must be independent|drawn once"
+    ):
         cu.check("dropout", half_shared_across_calls, strict=True)
 
 

@@ -22,13 +22,21 @@ def _ref_double_backward(dout: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def toy_exercises():
     """Register a forward and a backward toy exercise for the duration of one test."""
 
-    @exercise("toy_double", chapter="99_toy", signature="(x) -> Tensor", summary="2x", reference=_ref_double)
+    @exercise(
+        "toy_double",
+        chapter="99_toy",
+        signature="(x) -> Tensor",
+        summary="2x",
+        reference=_ref_double,
+    )
     def _battery(t: Tester) -> None:
         for shape in ((3,), (2, 4)):
             for dtype in (torch.float64, torch.float32):
                 x = t.randn(*shape, dtype=dtype)
                 case = f"x {shape} {dtype}"
-                t.compare(case, "out", t.call(case, x), 2 * x, mistakes=[("you returned x + 2.", x + 2)])
+                t.compare(
+                    case, "out", t.call(case, x), 2 * x, mistakes=[("you returned x + 2.", x + 2)]
+                )
 
     @exercise(
         "toy_double_backward",
@@ -112,7 +120,10 @@ def test_exception_inside_learner_code_is_reported_with_its_line(toy_exercises):
         y = x * 2
         return y[10]
 
-    with pytest.raises(cu.CheckFailure, match=r"broken raised IndexError: .* \(in broken, line \d+: `return y\[10\]`\)"):
+    with pytest.raises(
+        cu.CheckFailure,
+        match=r"broken raised IndexError: .* \(in broken, line \d+: `return y\[10\]`\)",
+    ):
         cu.check("toy_double", broken)
 
 
@@ -176,7 +187,13 @@ def test_non_callable_and_exercises_listing():
         cu.check("softmax", 42)
     listing = cu.exercises()
     ids = [e.id for e in listing]
-    for needed in ("softmax", "log_softmax", "cross_entropy", "group_softmax_cross_entropy", "gumbel_softmax"):
+    for needed in (
+        "softmax",
+        "log_softmax",
+        "cross_entropy",
+        "group_softmax_cross_entropy",
+        "gumbel_softmax",
+    ):
         assert needed in ids
     assert all(e.id.startswith(("numerical", "silu")) for e in cu.exercises("00"))
     assert "softmax" in str(listing)

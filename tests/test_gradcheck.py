@@ -76,10 +76,14 @@ def test_relative_error_is_meaningful_near_zero():
 
 def test_relative_error_flags_real_errors_and_nonfinite():
     expected = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)
-    assert float(relative_error(expected * 1.01, expected).max()) == pytest.approx(0.01 / 1.01, rel=1e-6)
+    assert float(relative_error(expected * 1.01, expected).max()) == pytest.approx(
+        0.01 / 1.01, rel=1e-6
+    )
     assert math.isinf(float(relative_error(torch.tensor([1.0, float("nan"), 3.0]), expected).max()))
     assert float(relative_error(torch.zeros(3), torch.zeros(3)).max()) == 0.0
-    assert float(relative_error(torch.tensor([0.0, 1e-3]), torch.zeros(2)).max()) == pytest.approx(1.0)
+    assert float(relative_error(torch.tensor([0.0, 1e-3]), torch.zeros(2)).max()) == pytest.approx(
+        1.0
+    )
 
 
 def test_compare_reports_the_worst_index_and_values():

@@ -19,10 +19,19 @@ def _ruff() -> list[str]:
 
 
 def test_ruff_check_is_clean():
-    result = subprocess.run([*_ruff(), "check", "--quiet", "."], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [*_ruff(), "check", "--quiet", "."], cwd=ROOT, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_ruff_format_is_clean():
-    result = subprocess.run([*_ruff(), "format", "--check", "--quiet", "course_utils", "tests"], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, "run `ruff format course_utils tests`:\n" + result.stdout + result.stderr
+    result = subprocess.run(
+        [*_ruff(), "format", "--check", "--quiet", "course_utils", "tests"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, (
+        "run `ruff format course_utils tests`:\n" + result.stdout + result.stderr
+    )

@@ -88,12 +88,19 @@ def test_every_exercise_is_implemented_then_checked(path):
         defining = [
             i
             for i, s in enumerate(sources)
-            if "### BEGIN SOLUTION" in s and any(re.search(rf"^(def|class) {n}\b", s, re.M) for n in names)
+            if "### BEGIN SOLUTION" in s
+            and any(re.search(rf"^(def|class) {n}\b", s, re.M) for n in names)
         ]
         assert defining, f"{path.name}: no exercise cell defines {ex.id}"
-        checking = [i for i, s in enumerate(sources) if re.search(rf"cu\.check\(\s*['\"]{ex.id}['\"]", s)]
-        assert checking and checking[0] > defining[0], f"{path.name}: {ex.id} is not checked after it is defined"
-        assert checking[0] == defining[0] + 1, f"{path.name}: the check of {ex.id} should follow its cell"
+        checking = [
+            i for i, s in enumerate(sources) if re.search(rf"cu\.check\(\s*['\"]{ex.id}['\"]", s)
+        ]
+        assert checking and checking[0] > defining[0], (
+            f"{path.name}: {ex.id} is not checked after it is defined"
+        )
+        assert checking[0] == defining[0] + 1, (
+            f"{path.name}: the check of {ex.id} should follow its cell"
+        )
 
 
 @pytest.mark.parametrize("path", COURSE, ids=_ids(COURSE))
@@ -117,10 +124,14 @@ def test_student_notebook_runs_with_every_exercise_pending(path, monkeypatch):
     chapter = nb.metadata["course"]["chapter"]
     nb.cells.append(nbformat.v4.new_code_cell(grading_cell(chapter)))
     # allow_errors=False: any error in any cell, check cells included, fails this test.
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    ).execute()
     printed = "".join(o.get("text", "") for o in nb.cells[-1].outputs if o.get("name") == "stdout")
     rows = json.loads(printed.split(MARKER, 1)[1])
     expected = [e.id for e in cu.exercises() if e.chapter == chapter]
     assert [r["exercise"] for r in rows] == expected
     not_pending = {r["exercise"]: r["status"] for r in rows if r["status"] != "pending"}
-    assert not not_pending, f"{path.name}: these stubs did not raise NotImplementedError: {not_pending}"
+    assert not not_pending, (
+        f"{path.name}: these stubs did not raise NotImplementedError: {not_pending}"
+    )
