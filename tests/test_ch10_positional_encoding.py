@@ -441,6 +441,8 @@ ROPE_MISTAKES = [
         rope_float64_out,
         r"should have dtype float32 \(the dtype of the inputs\), but it has dtype float64",
     ),
+    (rope_integer_division, r"exponent 2i/d was computed with integer division"),
+    (rope_d_from_dim1, r"x \(2, 5, 6\) float64.*`output` is wrong"),
     (rope_inplace, "changed its input `x` in place"),
     (rope_float32_angles, "only float32-accurate.*ran in float32 for a float64 input"),
     (rope_scales_by_norm, r"off by a constant factor of 1\.01"),
