@@ -36,7 +36,9 @@ def one_torch_thread():
 
 
 # ---- SGD -----------------------------------------------------------------------------
-def sgd_torch_style(param, grad, momentum_buffer, lr, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0):
+def sgd_torch_style(
+    param, grad, momentum_buffer, lr, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0
+):
     """PyTorch's own in-place arithmetic, on clones."""
     d_p = grad.clone()
     if weight_decay != 0:
@@ -51,18 +53,26 @@ def sgd_torch_style(param, grad, momentum_buffer, lr, momentum=0.0, dampening=0.
     return param.clone().add_(d_p, alpha=-lr), buf
 
 
-def sgd_numpy(param, grad, momentum_buffer, lr, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0):
+def sgd_numpy(
+    param, grad, momentum_buffer, lr, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0
+):
     """Through numpy, back to the input's dtype."""
     p, g = param.numpy(), grad.numpy()
     g = g + weight_decay * p
     if momentum == 0:
         return torch.from_numpy(p - lr * g).to(param.dtype), None
-    b = g.copy() if momentum_buffer is None else momentum * momentum_buffer.numpy() + (1 - dampening) * g
+    b = (
+        g.copy()
+        if momentum_buffer is None
+        else momentum * momentum_buffer.numpy() + (1 - dampening) * g
+    )
     step = g + momentum * b if nesterov else b
     return torch.from_numpy(p - lr * step).to(param.dtype), torch.from_numpy(b).to(param.dtype)
 
 
-def sgd_loops(param, grad, momentum_buffer, lr, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0):
+def sgd_loops(
+    param, grad, momentum_buffer, lr, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0
+):
     """One element at a time, in Python floats."""
     ps, gs = param.reshape(-1).tolist(), grad.reshape(-1).tolist()
     bs = None if momentum_buffer is None else momentum_buffer.reshape(-1).tolist()
@@ -79,7 +89,9 @@ def sgd_loops(param, grad, momentum_buffer, lr, momentum=0.0, dampening=0.0, nes
     return out, buf
 
 
-def sgd_always_returns_a_buffer(param, grad, momentum_buffer, lr, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0):
+def sgd_always_returns_a_buffer(
+    param, grad, momentum_buffer, lr, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0
+):
     """Returns a (never used) tensor as the buffer when momentum is 0; the contract allows it."""
     g = grad + weight_decay * param
     if momentum == 0:
@@ -88,11 +100,20 @@ def sgd_always_returns_a_buffer(param, grad, momentum_buffer, lr, momentum=0.0, 
     return param - lr * (g + momentum * buf if nesterov else buf), buf
 
 
-def sgd_wrapping_torch_optim(param, grad, momentum_buffer, lr, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0):
+def sgd_wrapping_torch_optim(
+    param, grad, momentum_buffer, lr, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0
+):
     """Delegates to torch.optim.SGD with the state filled in by hand."""
     p = param.detach().clone().requires_grad_(True)
-    opt = torch.optim.SGD([p], lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
-                          weight_decay=weight_decay, foreach=False)
+    opt = torch.optim.SGD(
+        [p],
+        lr=lr,
+        momentum=momentum,
+        dampening=dampening,
+        nesterov=nesterov,
+        weight_decay=weight_decay,
+        foreach=False,
+    )
     if momentum_buffer is not None:
         opt.state[p]["momentum_buffer"] = momentum_buffer.clone()
     p.grad = grad.clone()
@@ -102,7 +123,18 @@ def sgd_wrapping_torch_optim(param, grad, momentum_buffer, lr, momentum=0.0, dam
 
 
 # ---- Adam ----------------------------------------------------------------------------
-def adam_textbook(param, grad, exp_avg, exp_avg_sq, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled=False):
+def adam_textbook(
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    step,
+    lr=1e-3,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    weight_decay=0.0,
+    decoupled=False,
+):
     """Kingma & Ba's m_hat and v_hat, with torch's placement of eps."""
     b1, b2 = betas
     if decoupled:
@@ -116,7 +148,18 @@ def adam_textbook(param, grad, exp_avg, exp_avg_sq, step, lr=1e-3, betas=(0.9, 0
     return param - lr * m_hat / (torch.sqrt(v_hat) + eps), m, v
 
 
-def adam_torch_style(param, grad, exp_avg, exp_avg_sq, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled=False):
+def adam_torch_style(
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    step,
+    lr=1e-3,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    weight_decay=0.0,
+    decoupled=False,
+):
     """_single_tensor_adam's arrangement: lerp, addcmul, step_size and denom, on clones."""
     b1, b2 = betas
     param = param.clone()
@@ -132,7 +175,18 @@ def adam_torch_style(param, grad, exp_avg, exp_avg_sq, step, lr=1e-3, betas=(0.9
     return param.addcdiv_(m, denom, value=-step_size), m, v
 
 
-def adam_numpy(param, grad, exp_avg, exp_avg_sq, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled=False):
+def adam_numpy(
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    step,
+    lr=1e-3,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    weight_decay=0.0,
+    decoupled=False,
+):
     """Through numpy in float64, back to the input's dtype."""
     p, g = param.double().numpy(), grad.double().numpy()
     m, v = exp_avg.double().numpy(), exp_avg_sq.double().numpy()
@@ -145,7 +199,18 @@ def adam_numpy(param, grad, exp_avg, exp_avg_sq, step, lr=1e-3, betas=(0.9, 0.99
     return tuple(torch.from_numpy(a).to(param.dtype) for a in (p, m, v))
 
 
-def adam_loops(param, grad, exp_avg, exp_avg_sq, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled=False):
+def adam_loops(
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    step,
+    lr=1e-3,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    weight_decay=0.0,
+    decoupled=False,
+):
     """One element at a time, in Python floats."""
     b1, b2 = betas
     c1, c2 = 1 - b1**step, math.sqrt(1 - b2**step)
@@ -164,7 +229,18 @@ def adam_loops(param, grad, exp_avg, exp_avg_sq, step, lr=1e-3, betas=(0.9, 0.99
     return tuple(torch.tensor(lst, dtype=param.dtype).reshape(param.shape) for lst in out)
 
 
-def adam_wrapping_torch_optim(param, grad, exp_avg, exp_avg_sq, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled=False):
+def adam_wrapping_torch_optim(
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    step,
+    lr=1e-3,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    weight_decay=0.0,
+    decoupled=False,
+):
     """Delegates to torch.optim.Adam / AdamW with the state filled in by hand."""
     p = param.detach().clone().requires_grad_(True)
     cls = torch.optim.AdamW if decoupled else torch.optim.Adam
@@ -200,14 +276,28 @@ def schedule_from_torch(step, warmup_steps, total_steps, base_lr, min_lr=0.0):
 
 
 CORRECT = {
-    "sgd_step": [sgd_torch_style, sgd_numpy, sgd_loops, sgd_always_returns_a_buffer, sgd_wrapping_torch_optim],
-    "adam_step": [adam_textbook, adam_torch_style, adam_numpy, adam_loops, adam_wrapping_torch_optim],
+    "sgd_step": [
+        sgd_torch_style,
+        sgd_numpy,
+        sgd_loops,
+        sgd_always_returns_a_buffer,
+        sgd_wrapping_torch_optim,
+    ],
+    "adam_step": [
+        adam_textbook,
+        adam_torch_style,
+        adam_numpy,
+        adam_loops,
+        adam_wrapping_torch_optim,
+    ],
     "warmup_cosine_lr": [schedule_closed_form, schedule_cos_squared, schedule_from_torch],
 }
 CORRECT_CASES = [(ex, fn) for ex, fns in CORRECT.items() for fn in fns]
 
 
-@pytest.mark.parametrize(("exercise_id", "fn"), CORRECT_CASES, ids=[f.__name__ for _, f in CORRECT_CASES])
+@pytest.mark.parametrize(
+    ("exercise_id", "fn"), CORRECT_CASES, ids=[f.__name__ for _, f in CORRECT_CASES]
+)
 def test_correct_implementation_passes_on_every_seed(exercise_id, fn):
     for seed in SEEDS:
         report = cu.check(exercise_id, fn, seed=seed, strict=True)
@@ -227,7 +317,16 @@ def test_reference_passes_its_own_battery(exercise_id):
 def _sgd_learner(flaw: str):
     """A learner's SGD with one mistake in it, written as a learner would."""
 
-    def sgd(param, grad, momentum_buffer, lr, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0):
+    def sgd(
+        param,
+        grad,
+        momentum_buffer,
+        lr,
+        momentum=0.0,
+        dampening=0.0,
+        nesterov=False,
+        weight_decay=0.0,
+    ):
         g = grad
         if flaw == "wd_sign":
             g = g - weight_decay * param
@@ -253,12 +352,18 @@ def _sgd_learner(flaw: str):
         elif flaw == "restart":
             buf = g
         elif flaw == "lr_in_buffer":
-            buf = lr * g if momentum_buffer is None else momentum * momentum_buffer + lr * (1 - dampening) * g
+            buf = (
+                lr * g
+                if momentum_buffer is None
+                else momentum * momentum_buffer + lr * (1 - dampening) * g
+            )
             return param - buf, buf
         else:
             buf = g if momentum_buffer is None else momentum * momentum_buffer + (1 - dampening) * g
         if nesterov and flaw == "nesterov_old":
-            d = g + momentum * (momentum_buffer if momentum_buffer is not None else torch.zeros_like(g))
+            d = g + momentum * (
+                momentum_buffer if momentum_buffer is not None else torch.zeros_like(g)
+            )
         elif nesterov and flaw != "nesterov_buffer":
             d = g + momentum * buf
         else:
@@ -277,10 +382,20 @@ def _sgd_learner(flaw: str):
     return sgd
 
 
-def _sgd_float64_only(param, grad, momentum_buffer, lr, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0):
+def _sgd_float64_only(
+    param, grad, momentum_buffer, lr, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0
+):
     """Correct numbers, but always float64 (numpy without casting back)."""
-    p, b = ch08.ref_sgd_step(param.double(), grad.double(), None if momentum_buffer is None else momentum_buffer.double(),
-                             lr, momentum, dampening, nesterov, weight_decay)
+    p, b = ch08.ref_sgd_step(
+        param.double(),
+        grad.double(),
+        None if momentum_buffer is None else momentum_buffer.double(),
+        lr,
+        momentum,
+        dampening,
+        nesterov,
+        weight_decay,
+    )
     return p, b
 
 
@@ -289,7 +404,10 @@ SGD_MISTAKES = [
     (_sgd_learner("zero_init"), "dampening was applied on the first step"),
     (_sgd_learner("dampening_swapped"), r"scaled by dampening instead of \(1 - dampening\)"),
     (_sgd_learner("ema"), "exponential moving average"),
-    (_sgd_learner("uniform_buffer"), "the buffer update \\(with dampening\\) ran although momentum=0"),
+    (
+        _sgd_learner("uniform_buffer"),
+        "the buffer update \\(with dampening\\) ran although momentum=0",
+    ),
     (_sgd_learner("wd_after_momentum"), "weight decay was kept out of the momentum buffer"),
     (_sgd_learner("wd_sign"), "weight decay has the wrong sign"),
     (_sgd_learner("wd_ignored"), "weight_decay was ignored"),
@@ -307,7 +425,18 @@ SGD_MISTAKES = [
 def _adam_learner(flaw: str):
     """A learner's Adam / AdamW with one mistake in it."""
 
-    def adam(param, grad, exp_avg, exp_avg_sq, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled=False):
+    def adam(
+        param,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        step,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        decoupled=False,
+    ):
         b1, b2 = betas
         if flaw == "betas_swapped":
             b1, b2 = b2, b1
@@ -418,7 +547,10 @@ def _schedule_learner(flaw: str):
 SCHEDULE_MISTAKES = [
     (_schedule_learner("from_zero"), "the warm-up starts at 0"),
     (_schedule_learner("early"), "reaches base_lr one step early"),
-    (_schedule_learner("over_total"), "divided by total_steps instead of total_steps - warmup_steps"),
+    (
+        _schedule_learner("over_total"),
+        "divided by total_steps instead of total_steps - warmup_steps",
+    ),
     (_schedule_learner("unshifted"), "did not subtract the warm-up"),
     (_schedule_learner("linear"), "the decay is linear"),
     (_schedule_learner("full_period"), "runs a full period"),
@@ -434,7 +566,9 @@ MISTAKES = (
 )
 
 
-@pytest.mark.parametrize(("exercise_id", "fn", "pattern"), MISTAKES, ids=[f.__name__ for _, f, _ in MISTAKES])
+@pytest.mark.parametrize(
+    ("exercise_id", "fn", "pattern"), MISTAKES, ids=[f.__name__ for _, f, _ in MISTAKES]
+)
 def test_planted_mistake_is_named(exercise_id, fn, pattern):
     for seed in MISTAKE_SEEDS:
         with pytest.raises(cu.CheckFailure, match=pattern) as info:
@@ -444,7 +578,9 @@ def test_planted_mistake_is_named(exercise_id, fn, pattern):
         assert "\n" not in message and "Traceback" not in message
 
 
-@pytest.mark.parametrize(("exercise_id", "fn", "pattern"), MISTAKES, ids=[f.__name__ for _, f, _ in MISTAKES])
+@pytest.mark.parametrize(
+    ("exercise_id", "fn", "pattern"), MISTAKES, ids=[f.__name__ for _, f, _ in MISTAKES]
+)
 def test_planted_mistake_really_is_wrong(exercise_id, fn, pattern):
     """Guard against a test that cannot fail: each mistake disagrees with torch somewhere."""
     del pattern
@@ -458,20 +594,30 @@ def test_planted_mistake_really_is_wrong(exercise_id, fn, pattern):
     p = torch.randn(4, generator=gen, dtype=torch.float64).to(dtype)
     g = torch.randn(4, generator=gen, dtype=torch.float64).to(dtype)
     if exercise_id == "sgd_step":
-        grid = [dict(momentum=m, dampening=d, nesterov=n, weight_decay=w)
-                for m in (0.0, 0.9) for d in (0.0, 0.5) for n in (False, True) for w in (0.0, 0.1)
-                if not (n and (m == 0 or d != 0))]
+        grid = [
+            dict(momentum=m, dampening=d, nesterov=n, weight_decay=w)
+            for m in (0.0, 0.9)
+            for d in (0.0, 0.5)
+            for n in (False, True)
+            for w in (0.0, 0.1)
+            if not (n and (m == 0 or d != 0))
+        ]
         two_steps = []
         for kw in grid:
             for f in (fn, ref):
                 p1, b1 = f(p.clone(), g.clone(), None, 0.1, **kw)
-                p2, b2 = f(p1.clone(), g.clone() * 0.5, None if b1 is None else b1.clone(), 0.2, **kw)
+                p2, b2 = f(
+                    p1.clone(), g.clone() * 0.5, None if b1 is None else b1.clone(), 0.2, **kw
+                )
                 two_steps.append((p1, b1, p2, b2))
         pairs = zip(two_steps[0::2], two_steps[1::2], strict=True)
     else:
         z = torch.zeros(4, dtype=torch.float64)
         two_steps = []
-        for kw in (dict(lr=0.1, betas=(0.9, 0.99), eps=0.1, weight_decay=0.1, decoupled=d) for d in (False, True)):
+        for kw in (
+            dict(lr=0.1, betas=(0.9, 0.99), eps=0.1, weight_decay=0.1, decoupled=d)
+            for d in (False, True)
+        ):
             for f in (fn, ref):
                 p1, m1, v1 = f(p.clone(), g.clone(), z.clone(), z.clone(), 1, **kw)
                 p2, m2, v2 = f(p1.clone(), -g.clone(), m1.clone(), v1.clone(), 2, **kw)
@@ -482,10 +628,14 @@ def test_planted_mistake_really_is_wrong(exercise_id, fn, pattern):
         for a, b in zip(got, want, strict=True):
             if (a is None) != (b is None):
                 differs = True
-            elif a is not None and (a.dtype != b.dtype or not torch.allclose(a, b, rtol=1e-6, atol=1e-9)):
+            elif a is not None and (
+                a.dtype != b.dtype or not torch.allclose(a, b, rtol=1e-6, atol=1e-9)
+            ):
                 differs = True
     in_place = fn.__name__.startswith(("sgd_inplace", "adam_inplace"))
-    assert differs or in_place, f"{fn.__name__} agrees with the reference: its test could never fail"
+    assert differs or in_place, (
+        f"{fn.__name__} agrees with the reference: its test could never fail"
+    )
 
 
 def test_in_place_mistakes_really_change_their_input():
@@ -505,7 +655,9 @@ def test_in_place_mistakes_really_change_their_input():
 # =====================================================================================
 
 
-@pytest.mark.parametrize(("w", "total", "base", "lo"), [(5, 30, 0.1, 0.0), (0, 12, 1.0, 0.2), (7, 9, 3.0, 1.0)])
+@pytest.mark.parametrize(
+    ("w", "total", "base", "lo"), [(5, 30, 0.1, 0.0), (0, 12, 1.0, 0.2), (7, 9, 3.0, 1.0)]
+)
 def test_reference_schedule_is_the_torch_composition(w, total, base, lo):
     want = ch08.torch_warmup_cosine(w, total, base, lo)
     got = [ch08.ref_warmup_cosine_lr(s, w, total, base, lo) for s in range(total + 1)]
