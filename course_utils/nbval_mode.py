@@ -3,11 +3,17 @@
 nbval starts a notebook's kernel while setting up its first cell, after this
 plugin's ``tryfirst`` wrapper has set ``COURSE_STRICT`` (and ``MPLBACKEND``, ``OMP_NUM_THREADS``);
 the variables are restored once the kernel is up, so other tests never see them.
+
+In course/ notebooks it also checks the stubs, at no extra cost: every cell that calls
+``cu.check(...)`` must report its exercise as pending. A stub that returns instead of
+raising NotImplementedError (or leaks a solution) fails that cell, while nbval itself
+fails any cell that errors.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,3 +52,30 @@ def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = old
+
+
+_CHECK_CALL = re.compile(r"^\s*(?:\w+\s*=\s*)?cu\.check\(\s*['\"](\w+)['\"]", re.M)
+
+
+def _printed(outputs: list | None) -> str:
+    return "".join(
+        str(o.get("text", "")) for o in outputs or [] if o.get("output_type") == "stream"
+    )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """In a course/ notebook, fail a check cell whose exercise did not report pending."""
+    result = yield
+    cell = getattr(item, "cell", None)
+    if cell is None or strict_value(Path(str(item.path))) != "0":
+        return result
+    ids = _CHECK_CALL.findall(cell.get("source", ""))
+    printed = _printed(getattr(item, "test_outputs", None))
+    for exercise_id in ids:
+        if f"{exercise_id}: not implemented yet" not in printed:
+            raise AssertionError(
+                f"{exercise_id}: its check in this student notebook did not report pending, so its "
+                "stub does not raise NotImplementedError (or the solution leaked into course/)."
+            )
+    return result

@@ -780,23 +780,6 @@ def test_gumbel_frequency_failure_states_the_bound():
 # =====================================================================================
 
 
-def _stub(*args, **kwargs):
-    raise NotImplementedError("write me")
-
-
-@pytest.mark.parametrize("exercise_id", list(CORRECT))
-def test_stub_is_pending_in_learn_mode_and_fails_in_strict_mode(exercise_id, monkeypatch, capsys):
-    monkeypatch.delenv("COURSE_STRICT", raising=False)
-    report = cu.check(exercise_id, _stub)
-    assert report.status == "pending"
-    assert "not implemented yet" in capsys.readouterr().out
-    with pytest.raises(cu.CheckFailure, match="not implemented yet"):
-        cu.check(exercise_id, _stub, strict=True)
-    monkeypatch.setenv("COURSE_STRICT", "1")
-    with pytest.raises(cu.CheckFailure, match="strict mode"):
-        cu.check(exercise_id, _stub)
-
-
 @pytest.mark.parametrize(
     ("exercise_id", "fn"), CORRECT_CASES, ids=[f.__name__ for _, f in CORRECT_CASES]
 )

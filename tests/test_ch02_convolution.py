@@ -1157,23 +1157,6 @@ def test_in_place_change_of_an_input_is_named_by_its_argument():
         cu.check("conv2d_forward", conv_adds_bias_in_place, strict=True)
 
 
-def _stub(*args, **kwargs):
-    raise NotImplementedError("write me")
-
-
-@pytest.mark.parametrize("exercise_id", list(CORRECT))
-def test_stub_is_pending_in_learn_mode_and_fails_in_strict_mode(exercise_id, monkeypatch, capsys):
-    monkeypatch.delenv("COURSE_STRICT", raising=False)
-    report = cu.check(exercise_id, _stub)
-    assert report.status == "pending"
-    assert "not implemented yet" in capsys.readouterr().out
-    with pytest.raises(cu.CheckFailure, match="not implemented yet"):
-        cu.check(exercise_id, _stub, strict=True)
-    monkeypatch.setenv("COURSE_STRICT", "1")
-    with pytest.raises(cu.CheckFailure, match="strict mode"):
-        cu.check(exercise_id, _stub)
-
-
 def test_report_check_seconds(capsys):
     """Times each check on the reference and on the slowest correct style, on one thread.
 

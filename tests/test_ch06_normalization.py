@@ -791,23 +791,6 @@ def test_planted_mistake_is_named(exercise_id, fn, message):
 # =====================================================================================
 # Pending stubs, registration, timing, SyncBatchNorm demo
 # =====================================================================================
-def _stub(*args, **kwargs):
-    raise NotImplementedError("write me")
-
-
-@pytest.mark.parametrize("exercise_id", list(CORRECT))
-def test_stub_is_pending_in_learn_mode_and_fails_in_strict_mode(exercise_id, monkeypatch, capsys):
-    monkeypatch.delenv("COURSE_STRICT", raising=False)
-    report = cu.check(exercise_id, _stub)
-    assert report.status == "pending"
-    assert "not implemented yet" in capsys.readouterr().out
-    with pytest.raises(cu.CheckFailure, match="not implemented yet"):
-        cu.check(exercise_id, _stub, strict=True)
-    monkeypatch.setenv("COURSE_STRICT", "1")
-    with pytest.raises(cu.CheckFailure, match="strict mode"):
-        cu.check(exercise_id, _stub)
-
-
 def test_exercises_of_chapter_06_are_registered_with_their_contract():
     listed = {e.id: e for e in cu.exercises("06")}
     assert set(listed) == set(CORRECT)

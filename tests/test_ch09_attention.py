@@ -721,23 +721,6 @@ def test_memory_rule_is_what_the_docstring_says():
     assert not ch09.too_big((2, 40, 3), batch, L, S, b)
 
 
-def _stub(*args, **kwargs):
-    raise NotImplementedError("write me")
-
-
-@pytest.mark.parametrize("exercise_id", list(CORRECT))
-def test_stub_is_pending_in_learn_mode_and_fails_in_strict_mode(exercise_id, monkeypatch, capsys):
-    monkeypatch.delenv("COURSE_STRICT", raising=False)
-    report = cu.check(exercise_id, _stub)
-    assert report.status == "pending"
-    assert "not implemented yet" in capsys.readouterr().out
-    with pytest.raises(cu.CheckFailure, match="strict mode"):
-        cu.check(exercise_id, _stub, strict=True)
-    monkeypatch.setenv("COURSE_STRICT", "1")
-    with pytest.raises(cu.CheckFailure, match="strict mode"):
-        cu.check(exercise_id, _stub)
-
-
 def test_contract_signatures():
     listed = {e.id: e for e in cu.exercises("09")}
     assert set(listed) == set(CORRECT)

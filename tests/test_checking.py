@@ -245,3 +245,24 @@ def test_check_runs_on_one_thread_and_restores_the_setting(toy_exercises):
     cu.check("toy_double", lambda x: seen.append(torch.get_num_threads()) or 2 * x)
     assert set(seen) == {1}
     assert torch.get_num_threads() == before
+
+
+FUNCTION_EXERCISES = [e.id for e in cu.exercises() if not e.signature.startswith("class")]
+
+
+def _stub(*args, **kwargs):
+    raise NotImplementedError("write me")
+
+
+@pytest.mark.parametrize("exercise_id", FUNCTION_EXERCISES)
+def test_every_function_exercise_reports_a_stub_as_pending(exercise_id, monkeypatch, capsys):
+    """Learn mode: pending and one printed line; strict (argument or COURSE_STRICT): a failure."""
+    monkeypatch.delenv("COURSE_STRICT", raising=False)
+    report = cu.check(exercise_id, _stub)
+    assert report.status == "pending"
+    assert f"{exercise_id}: not implemented yet" in capsys.readouterr().out
+    with pytest.raises(cu.CheckFailure, match="not implemented yet"):
+        cu.check(exercise_id, _stub, strict=True)
+    monkeypatch.setenv("COURSE_STRICT", "1")
+    with pytest.raises(cu.CheckFailure, match="strict mode"):
+        cu.check(exercise_id, _stub)

@@ -59,3 +59,29 @@ def test_kernels_see_the_mode_and_other_tests_do_not(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert "3 passed" in done.stdout
+
+
+@pytest.mark.slow
+def test_a_course_stub_that_does_not_raise_fails_its_check_cell(tmp_path: Path) -> None:
+    setup = "import torch\nimport course_utils as cu"
+    stub = 'def softmax(logits, dim=-1):\n    raise NotImplementedError("softmax: write me")'
+    leaked = "def softmax(logits, dim=-1):\n    return torch.softmax(logits, dim)"
+    check = 'cu.check("softmax", softmax)'
+    (tmp_path / "course").mkdir()
+    for name, body in (("01_honest", stub), ("01_leaked", leaked)):
+        cells = [new_code_cell(setup), new_code_cell(body), new_code_cell(check)]
+        nbformat.write(new_notebook(cells=cells), tmp_path / "course" / f"{name}.ipynb")
+    env = {k: v for k, v in os.environ.items() if k not in ("COURSE_STRICT", "MPLBACKEND")}
+    plugins = ["-p", "course_utils.nbval_mode", "-p", "no:cacheprovider", "-p", "no:xdist"]
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", *plugins, "--nbval-lax", "-rf", "course"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = done.stdout
+    assert done.returncode == 1, out[-3000:] + done.stderr[-2000:]
+    assert "1 failed, 5 passed" in out
+    assert "01_leaked.ipynb" in out and "did not report pending" in out
