@@ -770,7 +770,7 @@ def test_log_softmax_underflow_message_does_not_blame_overflow():
 
 
 def test_gumbel_frequency_failure_states_the_bound():
-    bound = ch01._hoeffding(20000, ch01.FALSE_ALARM / 5)
+    bound = ch01.hoeffding_radius(20000, ch01.FALSE_ALARM / 5)
     with pytest.raises(cu.CheckFailure, match=rf"within ±{bound:.2%} except once in 1e\+07 runs"):
         cu.check("gumbel_softmax", gumbel_noise_sign_flipped, strict=True)
 
@@ -811,7 +811,7 @@ def test_statistical_false_alarm_budget_is_below_one_in_a_million():
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(n=st.integers(100, 100_000), delta=st.floats(1e-12, 0.5))
 def test_hoeffding_bound_solves_its_tail_equation(n, delta):
-    t = ch01._hoeffding(n, delta)
+    t = ch01.hoeffding_radius(n, delta)
     assert math.isclose(2 * math.exp(-2 * n * t * t), delta, rel_tol=1e-9)
 
 

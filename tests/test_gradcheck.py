@@ -136,3 +136,12 @@ def test_check_gradients_returns_one_comparison_per_input():
     assert [r.ok for r in results] == [True, True]
     results = cu.check_gradients(lambda x, y: (x * y).sum(), [a, b], [a, b])
     assert not all(r.ok for r in results)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 10**6), delta=st.floats(1e-12, 0.5))
+def test_hoeffding_radius_solves_its_tail_equation(n, delta):
+    from course_utils.stats import hoeffding_radius
+
+    t = hoeffding_radius(n, delta)
+    assert 2 * math.exp(-2 * n * t * t) == pytest.approx(delta, rel=1e-9)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from ..checking import Tester, exercise
 from ..gradcheck import numerical_gradient
+from ..stats import hoeffding_radius
 
 CHAPTER = "01_logits_softmax_cross_entropy"
 Tensor = torch.Tensor
@@ -445,11 +446,6 @@ def check_group_softmax_cross_entropy(t: Tester) -> None:
 FALSE_ALARM = 1e-7
 
 
-def _hoeffding(n: int, delta: float) -> float:
-    # P(|mean - p| > t) <= 2 exp(-2 n t^2)
-    return math.sqrt(math.log(2 / delta) / (2 * n))
-
-
 def _is_one_hot(y: Tensor, dim: int) -> bool:
     return bool(((y == 0) | (y == 1)).all() and (y.sum(dim) == 1).all())
 
@@ -523,7 +519,7 @@ def _check_gumbel_frequencies(t: Tester) -> None:
     freq = y.mean(0)
     p = torch.softmax(probs_logits, 0)
     # A union bound over the 5 classes keeps the total false-alarm probability at FALSE_ALARM.
-    bound = _hoeffding(n, FALSE_ALARM / 5)
+    bound = hoeffding_radius(n, FALSE_ALARM / 5)
     worst = int(torch.argmax((freq - p).abs()))
     if float((freq - p).abs().max()) > bound:
         t.fail(
@@ -596,7 +592,9 @@ def _check_gumbel_temperature(t: Tester) -> None:
     z = tau * y.clamp_min(1e-300).log() - logits
     diff, _ = torch.sort(z[:, 0] - z[:, 1])
     ks = _ks_logistic(diff)
-    bound = _hoeffding(n, FALSE_ALARM)  # the DKW inequality (Massart's constant) has the same form
+    bound = hoeffding_radius(
+        n, FALSE_ALARM
+    )  # the DKW inequality (Massart's constant) has the same form
     if not ks <= bound:
         t.fail(
             case,

@@ -17,6 +17,7 @@ import math
 import torch
 
 from ..checking import CheckFailure, Tester, exercise
+from ..stats import hoeffding_radius
 
 CHAPTER = "04_dropout"
 Tensor = torch.Tensor
@@ -42,8 +43,8 @@ def ref_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
 
 # ---- helpers -----------------------------------------------------------------------------
 def _hoeffding(n: int, delta: float = DELTA) -> float:
-    """Half-width t with P(|mean of n iid [0,1] variables - expectation| > t) <= delta."""
-    return math.sqrt(math.log(2 / delta) / (2 * n))
+    """The Hoeffding half-width at this chapter's per-test false-alarm rate."""
+    return hoeffding_radius(n, delta)
 
 
 def _dt(dtype: torch.dtype) -> str:
