@@ -33,6 +33,7 @@ def time_notebook(path: Path, strict: bool, timeout: int = 600) -> float:
     env_before = os.environ.get("COURSE_STRICT")
     os.environ["COURSE_STRICT"] = "1" if strict else "0"
     os.environ.setdefault("MPLBACKEND", "Agg")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # as under nbval in CI (course_utils.nbval_mode)
     try:
         start = time.perf_counter()
         NotebookClient(
