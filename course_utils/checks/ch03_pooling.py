@@ -12,7 +12,6 @@ Python-loop implementation passes within the 2 s budget.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,18 +21,10 @@ import torch.nn.functional as F
 
 from ..checking import CheckFailure, Tester, exercise
 from ..gradcheck import numerical_gradient
-from .ch02_convolution import PAIR_ERRORS, Output, judge
+from .ch02_convolution import PAIR_ERRORS, Output, Pair, _pair, judge
 
 CHAPTER = "03_pooling"
 Tensor = torch.Tensor
-Pair = int | tuple[int, int]
-
-
-def _pair(v: Pair) -> tuple[int, int]:
-    if isinstance(v, numbers.Integral):
-        return int(v), int(v)
-    h, w = v
-    return int(h), int(w)
 
 
 def _geometry(
