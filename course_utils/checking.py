@@ -13,7 +13,6 @@ import difflib
 import html
 import os
 import time
-import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 
 from .gradcheck import Comparison, compare
+from .invoke import code_fingerprint, invoke, reference_functions
 
 Tensor = torch.Tensor
 
@@ -43,10 +43,6 @@ class CheckFailure(AssertionError):
 
 class _Pending(Exception):
     """The learner's function raised NotImplementedError."""
-
-
-class _AutogradUsed(Exception):
-    """A backward exercise called autograd."""
 
 
 @dataclass
@@ -141,6 +137,19 @@ class Exercise:
 
 REGISTRY: dict[str, Exercise] = {}
 _LAST_STATUS: dict[str, str] = {}
+# Only the course's own tests switch this on, to prove each reference passes its battery.
+_REFERENCES_ALLOWED = False
+
+
+@contextlib.contextmanager
+def references_allowed() -> Iterator[None]:
+    """For the course's own tests: let check() accept the course's references as answers."""
+    global _REFERENCES_ALLOWED
+    saved, _REFERENCES_ALLOWED = _REFERENCES_ALLOWED, True
+    try:
+        yield
+    finally:
+        _REFERENCES_ALLOWED = saved
 
 
 def exercise(
@@ -251,7 +260,19 @@ def check(
         raise CheckFailure(
             f"{exercise_id}: expected a function (or class), got {type(fn).__name__}."
         )
-    tester = Tester(ex, fn, seed)
+    handed_in = "" if _REFERENCES_ALLOWED else reference_named(fn)
+    if handed_in:
+        _LAST_STATUS[exercise_id] = "failed"
+        raise CheckFailure(
+            f"{exercise_id}: this is the course's own reference ({handed_in}), not your code; "
+            "the check passes only your own implementation."
+        )
+    return run_battery(ex, Tester(ex, fn, seed), strict=strict, seed=seed)
+
+
+def run_battery(ex: Exercise, tester: Tester, *, strict: bool | None, seed: int) -> Report:
+    """Run ``ex``'s battery with ``tester`` (local or remote); the Report, or CheckFailure."""
+    exercise_id = ex.id
     start = time.perf_counter()
     try:
         with _seeded(seed):
@@ -273,6 +294,23 @@ def check(
         raise CheckFailure(f"{exercise_id}: {failure}") from None
     _LAST_STATUS[exercise_id] = "passed"
     return Report(exercise_id, "passed", tester.rows, time.perf_counter() - start)
+
+
+def reference_fingerprints() -> dict[str, str]:
+    """Code digest of every reference the course ships -> how a learner would name it."""
+    found: dict[str, str] = {}
+    for e in _registry().values():
+        if e.reference is not None:
+            found.setdefault(code_fingerprint(e.reference), f"cu.reference({e.id!r})")
+    for fn in reference_functions():
+        found.setdefault(code_fingerprint(fn), f"{fn.__module__}.{fn.__name__}")
+    found.pop("", None)
+    return found
+
+
+def reference_named(fn: Any) -> str:
+    """How ``fn`` is known if it is (a copy of) one of the course's references, else ''."""
+    return reference_fingerprints().get(code_fingerprint(fn), "")
 
 
 def last_status(exercise_id: str) -> str | None:
@@ -313,40 +351,19 @@ def _seeded(seed: int) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-@contextlib.contextmanager
-def _autograd_forbidden() -> Iterator[None]:
-    def refuse(*_args: Any, **_kwargs: Any) -> None:
-        raise _AutogradUsed
+class Opaque:
+    """An object a learner's kernel returned that is not plain data: only its type name travels."""
 
-    class _Engine:
-        # Every route into autograd (even a `grad` imported before the check) ends in the engine.
-        def __getattr__(self, _name: str) -> Any:
-            return refuse
+    def __init__(self, type_name: str) -> None:
+        self.type_name = type_name
 
-    variable = torch.autograd.variable.Variable
-    saved = (
-        torch.autograd.backward,
-        torch.autograd.grad,
-        torch.Tensor.backward,
-        variable._execution_engine,
-    )
-    torch.autograd.backward = refuse
-    torch.autograd.grad = refuse
-    torch.Tensor.backward = refuse
-    variable._execution_engine = _Engine()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        (
-            torch.autograd.backward,
-            torch.autograd.grad,
-            torch.Tensor.backward,
-            variable._execution_engine,
-        ) = saved
+    def __repr__(self) -> str:
+        return f"<{self.type_name} from the kernel>"
 
 
 def _describe(x: Any) -> str:
+    if isinstance(x, Opaque):
+        return f"a {x.type_name}"
     if torch.is_tensor(x):
         return f"a {str(x.dtype).replace('torch.', '')} tensor of shape {tuple(x.shape)}"
     if x is None:
@@ -378,21 +395,11 @@ def _unchanged(before: Any, after: Any) -> bool:
     return True
 
 
-def _learner_line(tb: Any) -> str:
-    frames = [
-        f
-        for f in traceback.extract_tb(tb)
-        if "course_utils" not in f.filename
-        and "site-packages" not in f.filename
-        and "/lib/python" not in f.filename
-    ]
-    if not frames:
-        return ""
-    f = frames[-1]
-    code = (f.line or "").strip()
-    return (
-        f" (in {f.name}, line {f.lineno}: `{code}`)" if code else f" (in {f.name}, line {f.lineno})"
-    )
+def _bind_probe(probe: Callable[..., Any], fn: Callable[..., Any]) -> Callable[..., Any]:
+    def bound(*args: Any, **kwargs: Any) -> Any:
+        return probe(fn, *args, **kwargs)
+
+    return bound
 
 
 class Tester:
@@ -406,6 +413,7 @@ class Tester:
         self.seed = seed
         self.rows: list[Row] = []
         self.gen = torch.Generator().manual_seed(seed)
+        self.last_watch: Any = None
 
     # ---- making inputs -------------------------------------------------------------
     def randn(self, *shape: int, dtype: torch.dtype = torch.float64, scale: float = 1.0) -> Tensor:
@@ -422,39 +430,95 @@ class Tester:
 
     # ---- calling the learner's function ---------------------------------------------
     def call(
-        self, case: str, *args: Any, fn: Callable[..., Any] | None = None, **kwargs: Any
+        self,
+        case: str,
+        *args: Any,
+        fn: Callable[..., Any] | None = None,
+        watch: Callable[[], Any] | None = None,
+        **kwargs: Any,
     ) -> Any:
-        """Call the learner's function on ``args``; guard inputs, autograd and exceptions."""
+        """Call the learner's function on ``args``; guard inputs, autograd and exceptions.
+
+        ``watch`` makes an observer (a context manager with a ``report()``) armed around the
+        call; its report is left in ``self.last_watch``.
+        """
         fn = self.fn if fn is None else fn
+        name = getattr(fn, "__name__", self.exercise.id)
+        return self._guarded(case, name, fn, None, args, kwargs, watch)
+
+    def probe(self, case: str, probe: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``probe(learner_fn, *args, **kwargs)`` where the learner's function lives; return its result.
+
+        For properties that need the learner's function itself (a gradient through its
+        output, say): when grading, the probe runs in the learner's kernel and only its
+        plain result comes back. ``probe`` must be a module-level function of the battery.
+        """
+        name = getattr(self.fn, "__name__", self.exercise.id)
+        return self._guarded(case, name, self.fn, probe, args, kwargs, None)
+
+    def _invoke(
+        self,
+        fn: Callable[..., Any],
+        probe: Callable[..., Any] | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        watch: Callable[[], Any] | None,
+    ) -> dict[str, Any]:
+        """Run one guarded call here, in this process (the grader replaces this with a remote call)."""
+        target = fn if probe is None else _bind_probe(probe, fn)
+        refs = [] if _REFERENCES_ALLOWED else None
+        return invoke(
+            target, args, kwargs, backward=self.exercise.backward, watch=watch, references=refs
+        )
+
+    def _guarded(
+        self,
+        case: str,
+        name: str,
+        fn: Callable[..., Any],
+        probe: Callable[..., Any] | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        watch: Callable[[], Any] | None,
+    ) -> Any:
         before = [_snapshot(a) for a in args]
         before_kw = {k: _snapshot(v) for k, v in kwargs.items()}
-        guard = _autograd_forbidden() if self.exercise.backward else contextlib.nullcontext()
-        name = getattr(fn, "__name__", self.exercise.id)
-        try:
-            with guard:
-                out = fn(*args, **kwargs)
-        except NotImplementedError:
-            raise _Pending from None
-        except _AutogradUsed:
+        outcome = self._invoke(fn, probe, args, kwargs, watch)
+        self.last_watch = outcome.get("watch")
+        kind = outcome["kind"]
+        if kind == "pending":
+            raise _Pending
+        if kind == "reference":
             raise CheckFailure(
-                f"in case {case}, {name} called autograd (.backward() or torch.autograd.grad); "
+                f"in case {case}, {name} ran the course's reference implementation; "
+                "the check passes only your own code."
+            )
+        if kind == "autograd":
+            raise CheckFailure(
+                f"in case {case}, {name} called autograd ({outcome['message']}); "
                 "this exercise asks you to derive the gradient by hand."
-            ) from None
-        except CheckFailure:
-            raise
-        except Exception as err:  # noqa: BLE001 - any learner error becomes one sentence
-            where = _learner_line(err.__traceback__)
-            text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            )
+        if kind == "guard":
+            raise CheckFailure(
+                f"in case {case}, a guard of the check was switched off while {name} ran "
+                f"({outcome['message']}); the case cannot be judged."
+            )
+        if kind == "error":
+            err = outcome.get("exception")
+            if isinstance(err, CheckFailure):
+                raise err
+            text, where = outcome["message"], outcome.get("where", "")
             hint = ""
             if self.exercise.backward and "does not require grad" in text:
                 hint = " It looks like it used autograd; derive the gradient by hand instead."
             elif "must match the size" in text and not isinstance(fn, type):
                 hint = " A reduction (max, sum, mean) without keepdim=True often causes this."
             raise CheckFailure(
-                f"in case {case}, {name} raised {type(err).__name__}: {text}{where}.{hint}"
-            ) from None
+                f"in case {case}, {name} raised {outcome['error_type']}: {text}{where}.{hint}"
+            )
+        after, after_kw = outcome.get("args", args), outcome.get("kwargs", kwargs)
         names = self.exercise.arg_names
-        for i, (b, a) in enumerate(zip(before, args, strict=True)):
+        for i, (b, a) in enumerate(zip(before, after, strict=True)):
             if not _unchanged(b, a):
                 arg = names[i] if i < len(names) else f"argument {i + 1}"
                 raise CheckFailure(
@@ -462,9 +526,9 @@ class Tester:
                     "instead (for example `x = x - m` rather than `x -= m`)."
                 )
         for k, b in before_kw.items():
-            if not _unchanged(b, kwargs[k]):
+            if not _unchanged(b, after_kw[k]):
                 raise CheckFailure(f"in case {case}, {name} changed its input `{k}` in place.")
-        return out
+        return outcome["value"]
 
     # ---- judging outputs -------------------------------------------------------------
     def fail(self, case: str, message: str) -> None:

@@ -37,7 +37,6 @@ import nbformat
 from . import checking
 from .build import read_notebook, show
 
-MARKER = "<<COURSE-GRADE>>"
 DEFAULT_TIMEOUT = 600.0
 CSV_FIELDS = ("student", "notebook", "chapter", "exercise", "status", "message", "seconds")
 #: Notebook-level outcomes; each exercise row (or one "*" row) carries it as its status.
@@ -76,13 +75,14 @@ def chapter_of(nb: nbformat.NotebookNode, path: Path | str) -> str | None:
     return None
 
 
-def _candidate_names(ex: checking.Exercise) -> list[str]:
-    # Class exercises are defined under the class name of their signature (silu_function -> SiLUFunction).
-    names = [ex.id]
+def candidate_names(ex: checking.Exercise) -> list[str]:
+    """Names a notebook may define the exercise under; a class exercise's class name comes first.
+
+    A notebook may also bind the id to something else (``silu_function = SiLUFunction.apply``);
+    the class is what its own check cell passes, so the class is what gets graded.
+    """
     declared = re.match(r"\s*class\s+(\w+)", ex.signature)
-    if declared:
-        names.append(declared.group(1))
-    return names
+    return [declared.group(1), ex.id] if declared else [ex.id]
 
 
 def _row(exercise: str, status: str, message: str = "", seconds: float = 0.0) -> dict[str, Any]:
@@ -124,9 +124,9 @@ def grade_namespace(
         ]
     rows = []
     for ex in exercises:
-        fn = next((namespace[n] for n in _candidate_names(ex) if n in namespace), None)
+        fn = next((namespace[n] for n in candidate_names(ex) if n in namespace), None)
         if fn is None:
-            wanted = " or ".join(f"`{n}`" for n in _candidate_names(ex))
+            wanted = " or ".join(f"`{n}`" for n in candidate_names(ex))
             rows.append(_row(ex.id, "missing", f"the notebook defines no {wanted}"))
             continue
         # check() records "pending" just before strict mode turns it into a CheckFailure.
@@ -162,14 +162,6 @@ def grade_namespace(
                 )
             )
     return rows
-
-
-def grading_cell(chapter: str, exercise: str | None = None) -> str:
-    """The source of the cell appended to a notebook to grade it in its own kernel."""
-    return (
-        "import json, course_utils.grade as _g\n"
-        f'print("{MARKER}" + json.dumps(_g.grade_namespace({chapter!r}, globals(), exercise={exercise!r})))'
-    )
 
 
 @dataclass
@@ -345,16 +337,25 @@ def _kill_group(pid: int | None) -> None:
 def _execute(
     path: Path, chapter: str, exercise: str | None, cell_timeout: float, pid_file: Path | None
 ) -> dict[str, Any]:
-    """Run the notebook and the grading cell in one kernel (inside the child process)."""
+    """Run the notebook in its kernel, then grade it from here (inside the child process).
+
+    The batteries run in this process; the kernel only answers calls of the learner's
+    functions (see ``remote``), so nothing a cell does can write the verdict.
+    """
+    from jupyter_client.blocking import BlockingKernelClient
+    from jupyter_client.manager import AsyncKernelManager
+    from jupyter_core.utils import run_sync
     from nbclient import NotebookClient
     from nbclient.exceptions import DeadKernelError
 
+    from . import remote
+
+    deadline = time.monotonic() + cell_timeout
     nb = read_notebook(path)
-    nb.cells.append(nbformat.v4.new_code_cell(grading_cell(chapter, exercise)))
     running = {"index": 0}
 
     def on_start(**_: Any) -> None:
-        provisioner = getattr(client.km, "provisioner", None)
+        provisioner = getattr(km, "provisioner", None)
         pid = getattr(provisioner, "pid", None) or getattr(
             getattr(provisioner, "process", None), "pid", None
         )
@@ -364,8 +365,10 @@ def _execute(
     def on_cell(cell: Any = None, cell_index: int = 0, **_: Any) -> None:
         running["index"] = cell_index
 
+    km = AsyncKernelManager(kernel_name="python3")
     client = NotebookClient(
         nb,
+        km=km,
         timeout=max(1, math.ceil(cell_timeout)),
         kernel_name="python3",
         allow_errors=True,
@@ -376,42 +379,37 @@ def _execute(
         on_cell_start=on_cell,
     )
     try:
-        client.execute()
-    except DeadKernelError:
-        return {"status": "crashed", "message": _death_message(nb, running["index"])}
-    except Exception as err:  # noqa: BLE001 - whatever stops the kernel, the row says it in one line
-        return {
-            "status": "crashed",
-            "message": f"the notebook could not run: {type(err).__name__}: {_first_line(str(err))}",
-        }
-    return _parse_grading_outputs(nb.cells[-1])
+        try:
+            client.execute()
+        except DeadKernelError:
+            return {"status": "crashed", "message": _death_message(nb, running["index"])}
+        except Exception as err:  # noqa: BLE001 - whatever stops the kernel, the row says it in one line
+            return {
+                "status": "crashed",
+                "message": f"the notebook could not run: {type(err).__name__}: {_first_line(str(err))}",
+            }
+        if client.kc is not None:
+            client.kc.stop_channels()
+        kc = BlockingKernelClient()
+        kc.load_connection_info(km.get_connection_info())
+        kc.start_channels()
+        exchange = path.parent.parent / "exchange"
+        exchange.mkdir(exist_ok=True)
+        link = remote.KernelLink(kc, exchange, deadline, interrupt=run_sync(km.interrupt_kernel))
+        exercises = [e for e in chapter_exercises(chapter) if exercise in (None, e.id)]
+        try:
+            rows = remote.grade_in_kernel(link, chapter, exercises)
+        finally:
+            kc.stop_channels()
+        return {"status": "graded", "rows": rows}
+    finally:
+        with contextlib.suppress(Exception):
+            run_sync(km.shutdown_kernel)(now=True)
 
 
 def _death_message(nb: nbformat.NotebookNode, index: int) -> str:
-    if index >= len(nb.cells) - 1:
-        return "the kernel died while the functions were being checked (does one of them end the process?)"
-    first = _first_line(nb.cells[index].source)[:60]
+    first = _first_line(nb.cells[index].source)[:60] if index < len(nb.cells) else ""
     return f"the kernel died while running cell {index + 1} (`{first}`): does it call os._exit, exit() or crash Python?"
-
-
-def _parse_grading_outputs(cell: nbformat.NotebookNode) -> dict[str, Any]:
-    text = "".join(o.get("text", "") for o in cell.outputs if o.get("output_type") == "stream")
-    lines = [line for line in text.splitlines() if line.startswith(MARKER)]
-    if lines:
-        try:
-            return {"status": "graded", "rows": json.loads(lines[-1][len(MARKER) :])}
-        except ValueError:
-            pass
-    errors = [
-        f"{o.get('ename')}: {_first_line(o.get('evalue', ''))}"
-        for o in cell.outputs
-        if o.get("output_type") == "error"
-    ]
-    detail = errors[0] if errors else "it printed no result"
-    return {
-        "status": "crashed",
-        "message": f"the grading cell failed ({detail}); did the notebook replace print, json or globals?",
-    }
 
 
 def find_submissions(submissions_dir: Path) -> list[Path]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -605,24 +607,35 @@ def _check_gumbel_temperature(t: Tester) -> None:
     t.ok(case, "noise recovered from the sample is Gumbel", f"ok (KS {ks:.3f} <= {bound:.3f})")
 
 
+def straight_through_probe(fn: Callable[..., Any], logits: Tensor, tau: float) -> dict[str, Any]:
+    """Run where the learner's gumbel_softmax lives: its hard sample and the Jacobian through it."""
+    logits = logits.clone().requires_grad_(True)
+    y = fn(logits, tau, True, -1)
+    if not torch.is_tensor(y) or y.grad_fn is None or y.dim() != 2:
+        return {"y": y, "has_grad": torch.is_tensor(y) and y.grad_fn is not None, "grads": None}
+    grads = [
+        torch.autograd.grad(y[:, k].sum(), logits, retain_graph=True, allow_unused=True)[0]
+        for k in range(y.shape[1])
+    ]
+    return {"y": y.detach(), "has_grad": True, "grads": grads}
+
+
 def _check_straight_through(t: Tester) -> None:
     n, c, tau = 64, 4, 0.7
     case = f"straight-through gradient, logits ({n}, {c}), tau={tau}, hard=True"
     base = torch.tensor([0.5, -0.5, 1.0, 0.0], dtype=torch.float64)
-    logits = base.expand(n, c).clone().requires_grad_(True)
-    y = _expect_sample(t, case, t.call(case, logits, tau, True, -1), logits, True, -1)
+    logits = base.expand(n, c).clone()
+    seen = t.probe(case, straight_through_probe, logits, tau)
+    y = _expect_sample(t, case, seen["y"], logits, True, -1)
     no_gradient = (
         "no gradient flows through the hard sample. Use the straight-through trick: "
         "y_hard - y_soft.detach() + y_soft."
     )
-    if y.grad_fn is None:
+    if not seen["has_grad"]:
         t.fail(case, no_gradient)
     if not _is_one_hot(y.detach(), -1):
         t.fail(case, "with hard=True the forward value should be exactly one-hot.")
-    grads = [
-        torch.autograd.grad(y[:, k].sum(), logits, retain_graph=True, allow_unused=True)[0]
-        for k in range(c)
-    ]
+    grads = seen["grads"]
     if all(g is None or not g.any() for g in grads):
         t.fail(case, no_gradient)
     jac = torch.stack([torch.zeros_like(logits) if g is None else g for g in grads], 1).detach()

@@ -1,0 +1,165 @@
+"""course_utils.invoke: the guards around one learner call, in learn mode (this process)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd.variable import Variable
+
+import course_utils as cu
+from course_utils import invoke
+from course_utils.checks import ch02_convolution as ch02
+
+CONV = {"stride": 1, "padding": 1}
+
+
+def _conv_backward_by(engine_route):
+    """A conv2d_backward that gets its gradients from autograd through ``engine_route``."""
+
+    def conv2d_backward(dout, x, weight, bias, stride=1, padding=0):
+        with torch.enable_grad():
+            xs = x.detach().requires_grad_(True)
+            ws = weight.detach().requires_grad_(True)
+            bs = None if bias is None else bias.detach().requires_grad_(True)
+            out = F.conv2d(xs, ws, bs, stride=stride, padding=padding)
+            inputs = (xs, ws) if bs is None else (xs, ws, bs)
+            grads = engine_route(out, dout, inputs)
+        dx, dw = grads[0], grads[1]
+        return dx, dw, (None if bias is None else grads[2])
+
+    return conv2d_backward
+
+
+SAVED_RUN_BACKWARD = Variable._execution_engine.run_backward
+
+
+def _saved_engine(out, dout, inputs):
+    return SAVED_RUN_BACKWARD((out,), (dout,), False, False, inputs, False, True)
+
+
+def _fresh_engine(out, dout, inputs):
+    return torch._C._ImperativeEngine().run_backward(
+        (out,), (dout,), False, False, inputs, False, True
+    )
+
+
+def _nn_grad(dout, x, weight, bias, stride=1, padding=0):
+    dx = torch.nn.grad.conv2d_input(x.shape, weight, dout, stride=stride, padding=padding)
+    dw = torch.nn.grad.conv2d_weight(x, weight.shape, dout, stride=stride, padding=padding)
+    return dx, dw, (None if bias is None else dout.sum((0, 2, 3)))
+
+
+NN_GRAD_INPUT = torch.nn.grad.conv2d_input
+NN_GRAD_WEIGHT = torch.nn.grad.conv2d_weight
+
+
+def _nn_grad_saved(dout, x, weight, bias, stride=1, padding=0):
+    dx = NN_GRAD_INPUT(x.shape, weight, dout, stride=stride, padding=padding)
+    dw = NN_GRAD_WEIGHT(x, weight.shape, dout, stride=stride, padding=padding)
+    return dx, dw, (None if bias is None else dout.sum((0, 2, 3)))
+
+
+def _aten_backward(dout, x, weight, bias, stride=1, padding=0):
+    s, p = (stride, stride), (padding, padding)
+    dx, dw, db = torch.ops.aten.convolution_backward(
+        dout, x, weight, [weight.shape[0]], s, p, (1, 1), False, (0, 0), 1, [True, True, True]
+    )
+    return dx, dw, (None if bias is None else db)
+
+
+def _swallowing(dout, x, weight, bias, stride=1, padding=0):
+    # Catching the guard's exception does not erase the record of the attempt.
+    try:
+        out = _conv_backward_by(_saved_engine)(dout, x, weight, bias, stride, padding)
+    except Exception:  # noqa: BLE001
+        out = ch02.ref_conv2d_backward(dout, x, weight, bias, stride, padding)
+    return out
+
+
+@pytest.mark.parametrize(
+    "fn, named",
+    [
+        (_conv_backward_by(_saved_engine), "autograd graph"),
+        (_conv_backward_by(_fresh_engine), "autograd graph"),
+        (_nn_grad, "torch.nn.grad.conv2d_input"),
+        (_nn_grad_saved, "backward kernel convolution_backward"),
+        (_aten_backward, "backward kernel convolution_backward"),
+    ],
+    ids=["saved-run_backward", "fresh-engine", "nn.grad", "nn.grad-saved", "aten-backward"],
+)
+def test_hidden_autograd_engines_are_refused(fn, named: str) -> None:
+    with pytest.raises(cu.CheckFailure, match="derive the gradient by hand") as err:
+        cu.check("conv2d_backward", fn)
+    assert named in str(err.value)
+
+
+@pytest.mark.references_forbidden
+def test_a_caught_guard_exception_still_fails() -> None:
+    with pytest.raises(cu.CheckFailure, match="called autograd|reference"):
+        cu.check("conv2d_backward", _swallowing)
+
+
+@pytest.mark.references_forbidden
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: cu.reference("softmax"),
+        lambda: (
+            __import__(
+                "course_utils.checks.ch01_logits_softmax_cross_entropy", fromlist=["x"]
+            ).ref_softmax
+        ),
+        lambda: lambda logits, dim=-1: cu.reference("softmax")(logits, dim),
+    ],
+    ids=["cu.reference", "imported ref_", "wrapper"],
+)
+def test_references_are_never_an_answer(make) -> None:
+    with pytest.raises(cu.CheckFailure, match="reference"):
+        cu.check("softmax", make())
+
+
+@pytest.mark.references_forbidden
+def test_the_reference_works_again_after_a_refused_call() -> None:
+    ref = cu.reference("softmax")
+    with pytest.raises(cu.CheckFailure):
+        cu.check("softmax", lambda logits, dim=-1: ref(logits, dim))
+    x = torch.randn(3, 4)
+    assert torch.allclose(ref(x), torch.softmax(x, -1))
+
+
+def test_a_removed_watch_is_a_broken_guard() -> None:
+    def sneaky(q, k, v, block_size=64, is_causal=False):
+        if torch._C._len_torch_function_stack():
+            torch._C._pop_torch_function_stack()
+        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+
+    with pytest.raises(cu.CheckFailure, match="guard of the check was switched off|L x S"):
+        cu.check("flash_attention_forward", sneaky)
+
+
+def test_invoke_returns_data_and_never_raises() -> None:
+    assert invoke.invoke(lambda x: x + 1, (1,), {})["value"] == 2
+    out = invoke.invoke(lambda: 1 / 0, (), {})
+    assert out["kind"] == "error" and out["error_type"] == "ZeroDivisionError"
+    assert (
+        invoke.invoke(lambda: (_ for _ in ()).throw(NotImplementedError("x")), (), {})["kind"]
+        == "pending"
+    )
+
+    def exits():
+        raise SystemExit(3)
+
+    assert invoke.invoke(exits, (), {})["kind"] == "error"
+
+
+def test_code_fingerprint_sees_copies_not_lookalikes() -> None:
+    ref = cu.reference("softmax")
+    copy = type(ref)(ref.__code__, {}, "softmax")
+    assert invoke.code_fingerprint(copy) == invoke.code_fingerprint(ref) != ""
+
+    def own(logits, dim=-1):
+        return torch.softmax(logits, dim)
+
+    assert invoke.code_fingerprint(own) != invoke.code_fingerprint(ref)
+    assert invoke.code_fingerprint(42) == ""

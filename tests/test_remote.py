@@ -1,0 +1,243 @@
+"""Trusted grading (course_utils.remote): verdicts a notebook cannot write, references refused.
+
+Each notebook below is graded the way `course grade` grades a class. The forgeries are the
+ones an instructor's review found to pass before: each now gets the grade its own code earns.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+from nbformat.v4 import new_code_cell, new_notebook
+
+from course_utils import checking, grade, remote
+
+ROOT = Path(__file__).resolve().parents[1]
+CH01 = "01_logits_softmax_cross_entropy"
+IDS01 = [e.id for e in grade.chapter_exercises(CH01)]
+IMPORTS = "import torch\nimport torch.nn.functional as F\nimport course_utils as cu"
+
+
+def solution_cells(chapter: str, names: list[str]) -> list[str]:
+    """The solution notebook's cells that define ``names`` (functions or classes)."""
+    nb = nbformat.read(ROOT / "solutions" / f"{chapter}.ipynb", as_version=4)
+    wanted = tuple(f"def {n}(" for n in names) + tuple(f"class {n}(" for n in names)
+    return [c.source for c in nb.cells if c.cell_type == "code" and c.source.startswith(wanted)]
+
+
+def notebook(chapter: str, *sources: str) -> nbformat.NotebookNode:
+    nb = new_notebook(cells=[new_code_cell(s) for s in sources])
+    nb.metadata["course"] = {"chapter": chapter}
+    return nb
+
+
+def write(path: Path, nb: nbformat.NotebookNode) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+    return path
+
+
+# Wrong on purpose: every exercise returns its input (or zeros), far from any right answer.
+WRONG = """
+def softmax(logits, dim=-1):
+    return logits
+def log_softmax(logits, dim=-1):
+    return logits
+def cross_entropy(logits, target):
+    return logits.sum(), logits
+def group_softmax_cross_entropy(logits, target_mask):
+    return logits.sum(), logits
+def gumbel_softmax(logits, tau=1.0, hard=False, dim=-1):
+    return logits
+"""
+
+FORGERIES = {
+    "patched_grader": """
+import course_utils.grade as g
+g.grade_namespace = lambda chapter, ns, exercise=None: [
+    {"exercise": e.id, "status": "passed", "message": "ok", "seconds": 0.0}
+    for e in g.chapter_exercises(chapter)
+]
+""",
+    "patched_check": """
+import course_utils.checking as c
+def fake(exercise_id, fn, *, strict=None, seed=0):
+    return c.Report(exercise_id, "passed")
+c.check = fake
+cu.check = fake
+c.run_battery = lambda ex, tester, **k: c.Report(ex.id, "passed")
+""",
+    "patched_comparison": """
+import course_utils.checking as c, course_utils.gradcheck as gc
+c.Tester.compare = lambda self, *a, **k: None
+c.Tester.fail = lambda self, *a, **k: None
+c.Tester.expect_tensor = lambda self, case, q, got, **k: got
+gc.compare = lambda *a, **k: gc.Comparison(True, 0.0, 0.0, None, 0.0, 0.0)
+""",
+    "patched_json": """
+import json, builtins
+_rows = [{"exercise": i, "status": "passed", "message": "", "seconds": 0} for i in IDS]
+json.dumps = lambda *a, **k: json.JSONEncoder().encode(_rows)
+builtins.print = lambda *a, **k: None
+""".replace("IDS", repr(IDS01)),
+}
+
+REFERENCES = """
+import functools, types
+from course_utils.checks.ch01_logits_softmax_cross_entropy import ref_log_softmax as log_softmax
+softmax = cu.reference("softmax")
+def cross_entropy(logits, target):
+    return cu.reference("cross_entropy")(logits, target)
+group_softmax_cross_entropy = functools.partial(cu.reference("group_softmax_cross_entropy"))
+gumbel_softmax = types.FunctionType(cu.reference("gumbel_softmax").__code__, globals())
+"""
+
+
+@pytest.fixture(scope="module")
+def graded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, grade.NotebookResult]:
+    """One class: an honest notebook, four forged verdicts and one built from the references."""
+    root = tmp_path_factory.mktemp("trust")
+    subs = root / "subs"
+    name = f"{CH01}.ipynb"
+    write(subs / "honest" / name, notebook(CH01, IMPORTS, *solution_cells(CH01, IDS01)))
+    for student, patch in FORGERIES.items():
+        write(subs / student / name, notebook(CH01, IMPORTS, WRONG, patch))
+    write(subs / "references" / name, notebook(CH01, IMPORTS, REFERENCES))
+    results = grade.grade_dir(subs, root / "out" / "grades.csv", timeout=240, jobs=2, quiet=True)
+    return {r.student: r for r in results}
+
+
+def statuses(result: grade.NotebookResult) -> dict[str, str]:
+    return {row["exercise"]: row["status"] for row in result.rows}
+
+
+@pytest.mark.slow
+def test_an_honest_notebook_passes_every_exercise(graded) -> None:
+    assert statuses(graded["honest"]) == dict.fromkeys(IDS01, "passed"), graded["honest"].rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("student", list(FORGERIES))
+def test_a_forged_verdict_changes_nothing(graded, student: str) -> None:
+    result = graded[student]
+    assert result.status == "graded", result.message
+    assert statuses(result) == dict.fromkeys(IDS01, "failed"), result.rows
+    softmax = next(r for r in result.rows if r["exercise"] == "softmax")
+    assert "is wrong" in softmax["message"] or "should" in softmax["message"]
+
+
+@pytest.mark.slow
+def test_references_handed_in_fail_naming_the_reference(graded) -> None:
+    rows = {r["exercise"]: r for r in graded["references"].rows}
+    assert {r["status"] for r in rows.values()} == {"failed"}, rows
+    for row in rows.values():
+        assert "reference" in row["message"], row
+
+
+# ---- backward exercises through hidden autograd engines, graded --------------------------------
+ENGINES = {
+    "saved_run_backward": """
+from torch.autograd.variable import Variable
+_run = Variable._execution_engine.run_backward
+def conv2d_backward(dout, x, weight, bias, stride=1, padding=0):
+    with torch.enable_grad():
+        xs, ws = x.detach().requires_grad_(), weight.detach().requires_grad_()
+        out = F.conv2d(xs, ws, None, stride=stride, padding=padding)
+        dx, dw = _run((out,), (dout,), False, False, (xs, ws), False, True)
+    return dx, dw, (None if bias is None else dout.sum((0, 2, 3)))
+""",
+    "fresh_engine": """
+def conv2d_backward(dout, x, weight, bias, stride=1, padding=0):
+    with torch.enable_grad():
+        xs, ws = x.detach().requires_grad_(), weight.detach().requires_grad_()
+        out = F.conv2d(xs, ws, None, stride=stride, padding=padding)
+        dx, dw = torch._C._ImperativeEngine().run_backward(
+            (out,), (dout,), False, False, (xs, ws), False, True)
+    return dx, dw, (None if bias is None else dout.sum((0, 2, 3)))
+""",
+    "nn_grad": """
+from torch.nn.grad import conv2d_input, conv2d_weight
+def conv2d_backward(dout, x, weight, bias, stride=1, padding=0):
+    dx = conv2d_input(x.shape, weight, dout, stride=stride, padding=padding)
+    dw = conv2d_weight(x, weight.shape, dout, stride=stride, padding=padding)
+    return dx, dw, (None if bias is None else dout.sum((0, 2, 3)))
+""",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("route", list(ENGINES))
+def test_hidden_autograd_engines_fail_when_graded(tmp_path: Path, route: str) -> None:
+    path = write(
+        tmp_path / "02_convolution.ipynb",
+        notebook("02_convolution", IMPORTS, ENGINES[route]),
+    )
+    result = grade.grade_notebook(path, timeout=120, exercise="conv2d_backward")
+    [row] = result.rows
+    assert row["status"] == "failed", row
+    assert "derive the gradient by hand" in row["message"], row
+
+
+@pytest.mark.slow
+def test_a_class_and_an_alias_of_it_grade_as_the_class(tmp_path: Path) -> None:
+    cells = solution_cells("00_gradient_checking", ["SiLUFunction"])
+    path = write(
+        tmp_path / "00_gradient_checking.ipynb",
+        notebook(
+            "00_gradient_checking",
+            IMPORTS,
+            *cells,
+            "silu_function = SiLUFunction.apply",
+            'cu.check("silu_function", SiLUFunction)',
+        ),
+    )
+    result = grade.grade_notebook(path, timeout=120, exercise="silu_function")
+    assert statuses(result) == {"silu_function": "passed"}, result.rows
+
+
+@pytest.mark.slow
+def test_a_learner_error_is_one_line_and_a_hang_is_stopped(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / f"{CH01}.ipynb",
+        notebook(
+            CH01,
+            IMPORTS,
+            "def softmax(logits, dim=-1):\n    return logits.nope()",
+            "def log_softmax(logits, dim=-1):\n    while True:\n        pass",
+        ),
+    )
+    result = grade.grade_notebook(path, timeout=40)
+    rows = {r["exercise"]: r for r in result.rows}
+    assert rows["softmax"]["status"] == "failed"
+    assert "AttributeError" in rows["softmax"]["message"] and "\n" not in rows["softmax"]["message"]
+    assert rows["log_softmax"]["status"] == "failed"
+    assert "did not return" in rows["log_softmax"]["message"]
+
+
+# ---- the data that crosses from the kernel ---------------------------------------------------
+def test_plain_and_decode_round_trip_plain_data_and_hide_objects(tmp_path: Path) -> None:
+    import numpy as np
+
+    from course_utils import agent
+
+    value = {
+        "t": torch.arange(3.0),
+        "p": torch.nn.Parameter(torch.ones(2)),
+        "l": [1, 2.5, "s", None, (True,)],
+        "n": np.arange(4),
+        "s": np.float64(2.0),
+        "o": object(),
+        "set": {"a", "b"},
+    }
+    path = tmp_path / "answer.pt"
+    torch.save(agent.plain(value), path)
+    back = remote.decode(torch.load(path, weights_only=True))
+    assert torch.equal(back["t"], value["t"]) and type(back["p"]) is torch.Tensor
+    assert back["l"] == [1, 2.5, "s", None, (True,)] and back["set"] == {"a", "b"}
+    assert isinstance(back["n"], np.ndarray) and back["s"] == 2.0
+    assert isinstance(back["o"], remote.Opaque) and back["o"].type_name == "object"
+    assert checking._describe(back["o"]) == "a object"
+    assert checking._describe(remote.Opaque("numpy.ndarray")) == "a numpy.ndarray"
