@@ -38,6 +38,8 @@ from . import checking
 from .build import read_notebook, show
 
 DEFAULT_TIMEOUT = 600.0
+#: Longest one call of a learner's function may take when graded (a check takes under 2 s).
+CALL_TIMEOUT = 60.0
 CSV_FIELDS = ("student", "notebook", "chapter", "exercise", "status", "message", "seconds")
 #: Notebook-level outcomes; each exercise row (or one "*" row) carries it as its status.
 NOTEBOOK_PROBLEMS = ("timeout", "crashed", "malformed", "missing chapter")
@@ -216,8 +218,13 @@ def grade_notebook(
     timeout: float = DEFAULT_TIMEOUT,
     chapter: str | None = None,
     exercise: str | None = None,
+    call_timeout: float = CALL_TIMEOUT,
 ) -> NotebookResult:
-    """Execute a copy of the notebook (strict mode) within ``timeout`` seconds and grade what it defines."""
+    """Execute a copy of the notebook (strict mode) within ``timeout`` seconds and grade what it defines.
+
+    One call of a learner's function may take ``call_timeout`` seconds before it is stopped
+    and its case failed; the other exercises are still graded.
+    """
     path = Path(path)
     start = time.perf_counter()
     try:
@@ -238,7 +245,7 @@ def grade_notebook(
         copy = work / "run" / path.name
         copy.parent.mkdir()
         shutil.copyfile(path, copy)
-        outcome = _run_child(copy, chapter, exercise, timeout, work)
+        outcome = _run_child(copy, chapter, exercise, timeout, work, call_timeout)
     seconds = time.perf_counter() - start
     if outcome["status"] != "graded":
         return _problem(path, chapter, outcome["status"], outcome["message"], seconds, exercise)
@@ -246,7 +253,12 @@ def grade_notebook(
 
 
 def _run_child(
-    copy: Path, chapter: str, exercise: str | None, timeout: float, work: Path
+    copy: Path,
+    chapter: str,
+    exercise: str | None,
+    timeout: float,
+    work: Path,
+    call_timeout: float = CALL_TIMEOUT,
 ) -> dict[str, Any]:
     result_file, pid_file, log = work / "result.json", work / "kernel.pid", work / "stderr.txt"
     env = dict(os.environ, COURSE_STRICT="1", MPLBACKEND="Agg", PYDEVD_DISABLE_FILE_VALIDATION="1")
@@ -264,6 +276,11 @@ def _run_child(
         chapter,
         "--cell-timeout",
         str(timeout),
+        # Judging must end before this process kills the child at `timeout`.
+        "--deadline",
+        str(time.time() + timeout - min(5.0, 0.1 * timeout)),
+        "--call-timeout",
+        str(call_timeout),
         "--result",
         str(result_file),
         "--kernel-pid-file",
@@ -335,7 +352,13 @@ def _kill_group(pid: int | None) -> None:
 
 
 def _execute(
-    path: Path, chapter: str, exercise: str | None, cell_timeout: float, pid_file: Path | None
+    path: Path,
+    chapter: str,
+    exercise: str | None,
+    cell_timeout: float,
+    pid_file: Path | None,
+    deadline: float | None = None,
+    call_timeout: float = CALL_TIMEOUT,
 ) -> dict[str, Any]:
     """Run the notebook in its kernel, then grade it from here (inside the child process).
 
@@ -350,7 +373,9 @@ def _execute(
 
     from . import remote
 
-    deadline = time.monotonic() + cell_timeout
+    # `deadline` is wall-clock time (from the parent); the link counts on the monotonic clock.
+    left = cell_timeout if deadline is None else deadline - time.time()
+    deadline_mono = time.monotonic() + left
     nb = read_notebook(path)
     running = {"index": 0}
 
@@ -395,7 +420,13 @@ def _execute(
         kc.start_channels()
         exchange = path.parent.parent / "exchange"
         exchange.mkdir(exist_ok=True)
-        link = remote.KernelLink(kc, exchange, deadline, interrupt=run_sync(km.interrupt_kernel))
+        link = remote.KernelLink(
+            kc,
+            exchange,
+            deadline_mono,
+            interrupt=run_sync(km.interrupt_kernel),
+            call_timeout=call_timeout,
+        )
         exercises = [e for e in chapter_exercises(chapter) if exercise in (None, e.id)]
         try:
             rows = remote.grade_in_kernel(link, chapter, exercises)
@@ -576,11 +607,19 @@ def _child_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chapter", required=True)
     parser.add_argument("--exercise")
     parser.add_argument("--cell-timeout", type=float, default=DEFAULT_TIMEOUT)
+    parser.add_argument("--deadline", type=float, help="wall-clock time by which judging ends")
+    parser.add_argument("--call-timeout", type=float, default=CALL_TIMEOUT)
     parser.add_argument("--result", type=Path, required=True)
     parser.add_argument("--kernel-pid-file", type=Path)
     args = parser.parse_args(argv)
     outcome = _execute(
-        args.notebook, args.chapter, args.exercise, args.cell_timeout, args.kernel_pid_file
+        args.notebook,
+        args.chapter,
+        args.exercise,
+        args.cell_timeout,
+        args.kernel_pid_file,
+        args.deadline,
+        args.call_timeout,
     )
     args.result.write_text(json.dumps(outcome), encoding="utf-8")
     return 0

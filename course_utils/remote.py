@@ -66,11 +66,13 @@ class KernelLink:
         exchange: Path,
         deadline: float,
         interrupt: Callable[[], None] | None = None,
+        call_timeout: float = 60.0,
     ) -> None:
         self.client = client
         self.exchange = Path(exchange)
         self.deadline = deadline
         self.interrupt = interrupt
+        self.call_timeout = call_timeout
         self.broken = ""
         self._ids = itertools.count()
         # Registered once: cloudpickle then ships these modules' code by value with every request.
@@ -95,7 +97,7 @@ class KernelLink:
             f"(lambda p: (lambda f, r: f(globals(), r))("
             f"*__import__('cloudpickle').loads(open(p, 'rb').read())))({str(req)!r})"
         )
-        timeout = self.remaining()
+        timeout = min(self.remaining(), self.call_timeout)
         if timeout <= 0:
             raise KernelTimeout("no time was left")
         try:
