@@ -96,7 +96,7 @@ def test_any_text_gives_parseable_xml_and_a_csv_that_round_trips(
 
 def test_one_line_messages_and_names_keep_one_line_per_row(tmp_path: Path) -> None:
     results = [
-        result("eve\n\x1b[31m", "eve\n\x1b[31m/01.ipynb", "bad \x01 value\rhere"),
+        result("eve\n\x1b[31m", "eve\n\x1b[31m/01.ipynb", "bad \x01 value\x0b here"),
         result("frank", "frank/01.ipynb", "fine"),
     ]
     gradebook.write_csv(results, tmp_path / "g.csv")
@@ -104,7 +104,8 @@ def test_one_line_messages_and_names_keep_one_line_per_row(tmp_path: Path) -> No
     assert len(lines) == 4 and lines[-1] == b"", "header, two rows, final newline"
     rows = read_csv(tmp_path / "g.csv")
     assert (
-        rows[0]["student"] == "eve\\x0a\\x1b[31m" and rows[0]["message"] == "bad \\x01 value\rhere"
+        rows[0]["student"] == "eve\\x0a\\x1b[31m"
+        and rows[0]["message"] == "bad \\x01 value\\x0b here"
     )
     gradebook.write_junit(results, tmp_path / "g.xml")
     ET.parse(tmp_path / "g.xml")
@@ -202,7 +203,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(
 
 @pytest.fixture
 def graded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Replace the grader by a stub that records each student it grades; "stop" in a name is Ctrl-C."""
+    """Replace the grader by a stub that records whom it grades; a file "stop" beside a notebook is Ctrl-C."""
     calls: list[str] = []
 
     def stub(path: Path, timeout: float) -> grade.NotebookResult:
@@ -358,7 +359,11 @@ def test_sigterm_mid_batch_then_resume(tmp_path: Path) -> None:
 
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
-    while not (runs.exists() and "bob" in runs.read_text()):
+    journal = gradebook.journal_path(out)
+    # ann is in the journal and bob's notebook is running: stop now.
+    while not (
+        runs.exists() and "bob" in runs.read_text() and len(journal.read_text().splitlines()) == 2
+    ):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
