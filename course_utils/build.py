@@ -15,6 +15,13 @@ markdown cells go between ``<!-- BEGIN SOLUTION -->`` and ``<!-- END SOLUTION --
 and become "*Your answer here.*". Outputs are never copied. Run ``course build``
 after editing a solution and commit both notebooks; ``course build --check`` (CI)
 fails when they disagree.
+
+A student notebook records ``course.content_hash`` (see ``content_hash``): any change a
+learner makes to a cell's source, type, attachments or metadata (tags included), or to
+the notebook metadata, makes ``course build`` refuse to overwrite it without ``--force``,
+which keeps a backup in ``course/.backups/``. What running writes (outputs, execution
+counts, timings, kernel and widget state) is not an edit: such a notebook is regenerated,
+after a backup, since running it again gives it back.
 """
 
 from __future__ import annotations
@@ -87,8 +94,39 @@ def read_notebook(path: Path, *, validate: bool = False) -> nbformat.NotebookNod
     return nb
 
 
+#: What running a notebook writes into it. Not an edit (running is not editing), though a
+#: notebook holding any of it is backed up before it is regenerated.
+RUN_CELL_FIELDS = ("outputs", "execution_count")
+RUN_CELL_METADATA = ("execution", "ExecuteTime")
+RUN_NOTEBOOK_METADATA = ("kernelspec", "language_info", "widgets")
+_HASHES = ("content_hash", "source_hash")
+
+
+def content_hash(nb: dict[str, Any]) -> str:
+    """sha256 of everything a learner edits: each cell's type, source, attachments and metadata
+    (tags included), in order, and the notebook metadata.
+
+    Left out: what running writes (outputs, execution counts, ``execution``/``ExecuteTime``
+    cell metadata, ``kernelspec``, ``language_info`` and ``widgets``), cell ids and the
+    nbformat version (Jupyter's, not the learner's), an empty ``tags`` list, and the hash itself.
+    """
+    data = _normalised(dict(nb))
+    cells = []
+    for cell in data.get("cells", []):
+        kept = {k: v for k, v in cell.items() if k not in {*RUN_CELL_FIELDS, "id"}}
+        metadata = {k: v for k, v in cell.get("metadata", {}).items() if k not in RUN_CELL_METADATA}
+        if metadata.get("tags") == []:
+            del metadata["tags"]
+        cells.append({**kept, "metadata": metadata})
+    metadata = {k: v for k, v in data.get("metadata", {}).items() if k not in RUN_NOTEBOOK_METADATA}
+    if isinstance(metadata.get("course"), dict):
+        metadata["course"] = {k: v for k, v in metadata["course"].items() if k not in _HASHES}
+    payload = json.dumps({"cells": cells, "metadata": metadata}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
 def source_hash(nb: nbformat.NotebookNode) -> str:
-    """sha256 of the cells' types and sources: what a learner edits, ignoring outputs."""
+    """sha256 of the cells' types and sources: the edit check of notebooks built before ``content_hash``."""
     payload = [[cell.cell_type, _text(cell.get("source", ""))] for cell in nb.cells]
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
 
@@ -250,12 +288,8 @@ def student_notebook(
     nb = v4.new_notebook(cells=cells, metadata=keep)
     # Flags such as ``long`` (a notebook allowed 180 s) apply to the student copy too.
     flags = {k: v for k, v in solution.metadata.get("course", {}).items() if k not in {"chapter"}}
-    nb.metadata["course"] = {
-        **flags,
-        "chapter": chapter,
-        "generated_from": generated_from,
-        "source_hash": source_hash(nb),
-    }
+    nb.metadata["course"] = {**flags, "chapter": chapter, "generated_from": generated_from}
+    nb.metadata["course"]["content_hash"] = content_hash(nb)
     return nb
 
 
@@ -401,15 +435,15 @@ def _write(
         if current == _normalised(json.loads(text)):
             result.unchanged.append(target)
             return
-        untouched = current is not None and _untouched(current)
-        if not untouched and not force:
+        edited = current is None or _edited(current)
+        if edited and not force:
             result.refused.append(target)
             result.errors.append(
                 f"{show(target)} was edited since it was generated; not overwriting it "
                 "(run `course build --force` to regenerate it, keeping a backup of the edited file)"
             )
             return
-        if not untouched or force or _has_outputs(current):
+        if edited or force or _ran(current, generated) or _legacy(current):
             backup = _backup(target)
             result.backups.append(backup)
             result.messages.append(f"kept a copy of the previous {show(target)} in {show(backup)}")
@@ -419,21 +453,37 @@ def _write(
     result.messages.append(f"wrote {show(target)}")
 
 
-def _untouched(current: dict[str, Any]) -> bool:
-    recorded = current.get("metadata", {}).get("course", {}).get("source_hash")
+def _edited(current: dict[str, Any]) -> bool:
+    """True unless ``current`` is what the build generated, give or take what running wrote."""
+    course = current.get("metadata", {}).get("course", {})
     try:
-        return recorded == source_hash(nbformat.from_dict(current))
-    except (AttributeError, TypeError):
-        return False
+        if isinstance(course, dict) and "content_hash" in course:
+            return course["content_hash"] != content_hash(current)
+        if isinstance(course, dict) and "source_hash" in course:
+            return course["source_hash"] != source_hash(nbformat.from_dict(current))
+    except (AttributeError, TypeError, ValueError):
+        pass
+    return True
 
 
-def _has_outputs(current: dict[str, Any] | None) -> bool:
-    cells = (current or {}).get("cells", [])
-    return any(
-        c.get("outputs") or c.get("execution_count") is not None
-        for c in cells
-        if c.get("cell_type") == "code"
-    )
+def _legacy(current: dict[str, Any]) -> bool:
+    # Built before content_hash: a metadata or tag edit cannot be told apart, so keep a copy.
+    course = current.get("metadata", {}).get("course", {})
+    return not isinstance(course, dict) or "content_hash" not in course
+
+
+def _ran(current: dict[str, Any], generated: nbformat.NotebookNode) -> bool:
+    """True when ``current`` holds anything running wrote (outputs, timings, kernel or widget state)."""
+    cells = current.get("cells", [])
+    for cell in cells:
+        if cell.get("cell_type") == "code" and (
+            cell.get("outputs") or cell.get("execution_count") is not None
+        ):
+            return True
+        if any(k in cell.get("metadata", {}) for k in RUN_CELL_METADATA):
+            return True
+    meta = current.get("metadata", {})
+    return any(meta.get(k) != generated.metadata.get(k) for k in RUN_NOTEBOOK_METADATA)
 
 
 def _backup(target: Path) -> Path:

@@ -27,6 +27,7 @@ class _OnFirstUse:
 
 build = _OnFirstUse("build")
 grade = _OnFirstUse("grade")
+gradebook = _OnFirstUse("gradebook")
 DEFAULT_TIMEOUT = 600.0  # seconds per notebook; the same default as grade.DEFAULT_TIMEOUT
 
 
@@ -108,13 +109,22 @@ def _parser() -> _Parser:
         help="one sub-folder (or notebook) per student",
     )
     p.add_argument(
-        "--out", type=Path, default=Path("grades.csv"), help="CSV to write (default: grades.csv)"
+        "--out",
+        type=Path,
+        default=Path("grades.csv"),
+        metavar="FILE.csv",
+        help="CSV to write, outside SUBMISSIONS_DIR (default: grades.csv)",
     )
     p.add_argument(
         "--junit",
         type=Path,
-        metavar="FILE",
+        metavar="FILE.xml",
         help="JUnit XML to write (default: the CSV's name with .xml)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep what an interrupted run graded (FILE.csv.partial.jsonl); grade only the rest",
     )
     p.add_argument(
         "--timeout",
@@ -312,7 +322,14 @@ def cmd_grade(args: argparse.Namespace) -> int:
     """Grade a folder of submissions into a CSV and a JUnit XML."""
     if args.jobs < 1:
         raise UsageError("--jobs must be at least 1")
-    grade.grade_dir(args.submissions, args.out, args.junit, args.timeout, jobs=args.jobs)
+    gradebook.grade_dir(
+        args.submissions,
+        args.out,
+        args.junit,
+        args.timeout,
+        jobs=args.jobs,
+        resume=args.resume,
+    )
     return 0
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import io
 import json
 import math
@@ -25,9 +24,6 @@ import sys
 import tempfile
 import threading
 import time
-import xml.etree.ElementTree as ET
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -461,53 +457,6 @@ def _student(root: Path, path: Path) -> str:
     return rel.parts[0] if len(rel.parts) > 1 else rel.stem
 
 
-def grade_dir(
-    submissions_dir: Path | str,
-    out_csv: Path | str,
-    junit_xml: Path | str | None = None,
-    timeout: float = DEFAULT_TIMEOUT,
-    *,
-    jobs: int = 1,
-    quiet: bool = False,
-) -> list[NotebookResult]:
-    """Grade every notebook below ``submissions_dir``; write a long-format CSV and a JUnit XML."""
-    root = Path(submissions_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{show(root)}: no such folder of submissions")
-    paths = find_submissions(root)
-    if not paths:
-        raise ValueError(f"{show(root)}: no notebooks (*.ipynb) below it to grade")
-    results: dict[Path, NotebookResult] = {}
-    from tqdm import tqdm
-
-    with (
-        ThreadPoolExecutor(max_workers=max(1, jobs)) as pool,
-        tqdm(total=len(paths), unit="notebook", disable=quiet, file=sys.stderr) as bar,
-    ):
-        futures = {pool.submit(_grade_safely, p, timeout): p for p in paths}
-        try:
-            for future in as_completed(futures):
-                results[futures[future]] = future.result()
-                bar.update()
-        except BaseException:
-            # Ctrl-C or SIGTERM: stop queued notebooks and end running ones, or they run to the timeout.
-            pool.shutdown(wait=False, cancel_futures=True)
-            _end_all()
-            raise
-    ordered = []
-    for path in paths:
-        result = results[path]
-        result.student, result.notebook = _student(root, path), path.relative_to(root).as_posix()
-        ordered.append(result)
-    out_csv = Path(out_csv)
-    junit = Path(junit_xml) if junit_xml else out_csv.with_suffix(".xml")
-    write_csv(ordered, out_csv)
-    write_junit(ordered, junit)
-    if not quiet:
-        print(summary(ordered, out_csv, junit))
-    return ordered
-
-
 def _grade_safely(path: Path, timeout: float) -> NotebookResult:
     try:
         return grade_notebook(path, timeout=timeout)
@@ -518,84 +467,6 @@ def _grade_safely(path: Path, timeout: float) -> NotebookResult:
             "crashed",
             f"could not grade it: {type(err).__name__}: {_first_line(str(err))}",
         )
-
-
-def _flat(results: Iterable[NotebookResult]) -> Iterable[tuple[NotebookResult, dict[str, Any]]]:
-    for result in results:
-        for row in result.rows:
-            yield result, row
-
-
-def write_csv(results: list[NotebookResult], path: Path) -> None:
-    """One row per (student, notebook, exercise): student, notebook, chapter, exercise, status, message, seconds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(CSV_FIELDS)
-        for result, row in _flat(results):
-            writer.writerow(
-                [
-                    result.student,
-                    result.notebook,
-                    result.chapter or "",
-                    row["exercise"],
-                    row["status"],
-                    row["message"],
-                    f"{row['seconds']:.3f}",
-                ]
-            )
-
-
-def write_junit(results: list[NotebookResult], path: Path) -> None:
-    """One testsuite per notebook and one testcase per exercise; anything but passed is a failure."""
-    suites = ET.Element("testsuites", name="course grade")
-    total = failed = 0
-    for result in results:
-        bad = [r for r in result.rows if r["status"] != "passed"]
-        suite = ET.SubElement(
-            suites,
-            "testsuite",
-            name=result.notebook or str(result.path),
-            tests=str(len(result.rows)),
-            failures=str(len(bad)),
-            errors="0",
-            skipped="0",
-            time=f"{result.seconds:.3f}",
-        )
-        for row in result.rows:
-            case = ET.SubElement(
-                suite,
-                "testcase",
-                classname=f"{result.student}.{result.chapter or 'notebook'}",
-                name=row["exercise"],
-                time=f"{row['seconds']:.3f}",
-            )
-            if row["status"] != "passed":
-                failure = ET.SubElement(case, "failure", type=row["status"], message=row["message"])
-                failure.text = f"{row['status']}: {row['message']}"
-        total, failed = total + len(result.rows), failed + len(bad)
-    suites.set("tests", str(total))
-    suites.set("failures", str(failed))
-    ET.indent(suites)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ET.ElementTree(suites).write(path, encoding="utf-8", xml_declaration=True)
-
-
-def summary(results: list[NotebookResult], out_csv: Path, junit: Path) -> str:
-    """One line: notebooks, students, exercises passed, notebook-level problems and the files written."""
-    rows = [row for _, row in _flat(results)]
-    passed = sum(r["status"] == "passed" for r in rows)
-    problems = [
-        f"{sum(r.status == s for r in results)} {s}"
-        for s in NOTEBOOK_PROBLEMS
-        if any(r.status == s for r in results)
-    ]
-    students = len({r.student for r in results})
-    return (
-        f"graded {len(results)} notebooks of {students} students: {passed}/{len(rows)} exercises passed"
-        + (f"; {', '.join(problems)}" if problems else "")
-        + f". Wrote {show(out_csv)} and {show(junit)}."
-    )
 
 
 def _child_main(argv: list[str] | None = None) -> int:
@@ -623,6 +494,18 @@ def _child_main(argv: list[str] | None = None) -> int:
     )
     args.result.write_text(json.dumps(outcome), encoding="utf-8")
     return 0
+
+
+# The batch and its files live in gradebook; these names stay importable from here.
+_MOVED_TO_GRADEBOOK = {"grade_dir", "write_csv", "write_junit", "summary", "_flat"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_GRADEBOOK:
+        from . import gradebook
+
+        return getattr(gradebook, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ def test_round_trip_stubs_outputs_banner_metadata(repo: Path) -> None:
     assert meta["course"] == {
         "chapter": CHAPTER,
         "generated_from": f"solutions/{CHAPTER}.ipynb",
-        "source_hash": build.source_hash(nb),
+        "content_hash": build.content_hash(nb),
     }
     assert meta["kernelspec"]["name"] == "python3" and "widgets" not in meta
     assert [c.id for c in nb.cells] == ["course-banner", *(f"sol-{i}" for i in range(5))]
@@ -193,6 +193,108 @@ def test_outputs_alone_are_not_an_edit_but_are_backed_up(repo: Path) -> None:
     result = run_build(repo)
     assert result.ok and result.written == [target] and len(result.backups) == 1
     assert student(repo).cells[5].outputs == []
+
+
+def test_what_running_writes_is_not_an_edit(repo: Path) -> None:
+    """Jupyter writes timings, kernel and widget state when a learner runs the notebook."""
+    target = repo / "course" / f"{CHAPTER}.ipynb"
+    run_build(repo)
+    nb = student(repo)
+    nb.cells[3].metadata["ExecuteTime"] = {"start_time": "2026-01-01T10:00:00"}
+    nb.cells[3].metadata["execution"] = {"iopub.status.busy": "2026-01-01T10:00:00"}
+    nb.cells[3].metadata["tags"] = []
+    nb.metadata["language_info"] = {"name": "python", "version": "3.12.1"}
+    nb.metadata["kernelspec"]["display_name"] = "Python 3 (ipykernel)"
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}}}
+    nbformat.write(nb, target)
+    ran = target.read_bytes()
+    result = run_build(repo)
+    assert result.ok and result.written == [target] and not result.refused
+    assert len(result.backups) == 1 and result.backups[0].read_bytes() == ran
+    assert "ExecuteTime" not in student(repo).cells[3].metadata
+
+
+def learner_edit(nb: nbformat.NotebookNode, kind: str) -> None:
+    """What a learner may change besides code: each must survive `course build`."""
+    if kind == "notebook metadata":
+        nb.metadata["authors"] = [{"name": "Ada"}]
+    elif kind == "cell tags":
+        nb.cells[4].metadata["tags"] = ["my-favourite"]
+    elif kind == "cell metadata":
+        nb.cells[4].metadata["jupyter"] = {"source_hidden": True}
+    elif kind == "course metadata":
+        nb.metadata["course"]["note"] = "ask about max-subtraction"
+    elif kind == "cell type":
+        nb.cells[2] = nbformat.v4.new_raw_cell(nb.cells[2].source, id=nb.cells[2].id)
+
+
+@pytest.mark.parametrize(
+    "kind", ["notebook metadata", "cell tags", "cell metadata", "course metadata", "cell type"]
+)
+def test_metadata_and_tag_edits_are_kept_and_backed_up(repo: Path, kind: str) -> None:
+    target = repo / "course" / f"{CHAPTER}.ipynb"
+    run_build(repo)
+    nb = student(repo)
+    learner_edit(nb, kind)
+    nbformat.write(nb, target)
+    edited = target.read_bytes()
+    nbformat.write(
+        solution_notebook(SOFTMAX.replace("Stable", "Numerically stable")),
+        repo / "solutions" / f"{CHAPTER}.ipynb",
+    )
+
+    refused = run_build(repo)
+    assert not refused.ok and refused.refused == [target] and not refused.backups
+    assert f"course/{CHAPTER}.ipynb was edited" in refused.errors[0]
+    assert target.read_bytes() == edited
+
+    forced = run_build(repo, force=True)
+    assert forced.ok and forced.written == [target] and len(forced.backups) == 1
+    assert forced.backups[0].read_bytes() == edited
+    assert "Numerically stable" in student(repo).cells[4].source
+    assert run_build(repo).unchanged == [target], "the regenerated notebook is not an edit"
+
+
+def test_unedited_notebook_is_regenerated_without_a_backup(repo: Path) -> None:
+    target = repo / "course" / f"{CHAPTER}.ipynb"
+    run_build(repo)
+    nb = student(repo)
+    assert build.content_hash(nb) == nb.metadata["course"]["content_hash"]
+    # Another writer (Jupyter, nbformat) may split lines and order keys differently: no edit.
+    target.write_text(json.dumps(json.loads(nbformat.writes(nb)), indent=2, sort_keys=False))
+    nbformat.write(
+        solution_notebook(SOFTMAX.replace("Stable", "Numerically stable")),
+        repo / "solutions" / f"{CHAPTER}.ipynb",
+    )
+    result = run_build(repo)
+    assert result.ok and result.written == [target] and not result.backups
+    assert "Numerically stable" in student(repo).cells[4].source
+
+
+def test_notebook_built_before_content_hash_is_judged_by_its_sources(repo: Path) -> None:
+    """An older course_utils recorded only the sources' hash: untouched ones still rebuild."""
+    target = repo / "course" / f"{CHAPTER}.ipynb"
+    run_build(repo)
+
+    def legacy(nb: nbformat.NotebookNode) -> None:
+        del nb.metadata["course"]["content_hash"]
+        nb.metadata["course"]["source_hash"] = build.source_hash(nb)
+        nbformat.write(nb, target)
+
+    legacy(student(repo))
+    nbformat.write(
+        solution_notebook(SOFTMAX.replace("Stable", "Numerically stable")),
+        repo / "solutions" / f"{CHAPTER}.ipynb",
+    )
+    rebuilt = run_build(repo)
+    assert rebuilt.ok and rebuilt.written == [target], "no refusal after an upgrade"
+    assert len(rebuilt.backups) == 1, "a metadata edit cannot be ruled out: keep a copy"
+
+    nb = student(repo)
+    legacy(nb)
+    nb.cells[4].source = "def softmax(logits, dim=-1):\n    return logits.softmax(dim)"
+    nbformat.write(nb, target)
+    assert run_build(repo).refused == [target], "a source edit is still refused"
 
 
 def test_malformed_solution_is_one_line_and_others_still_build(repo: Path) -> None:
