@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
+import nbformat
 import pytest
 
 from course_utils import checking
@@ -17,3 +19,16 @@ def _references_allowed(request: pytest.FixtureRequest) -> Iterator[None]:
         return
     with checking.references_allowed():
         yield
+
+
+@pytest.fixture(scope="session")
+def solution_cells() -> Callable[[str, list[str]], list[str]]:
+    """A function: the solution notebook's cells of ``chapter`` that define ``names``."""
+
+    def cells(chapter: str, names: list[str]) -> list[str]:
+        path = Path(__file__).resolve().parents[1] / "solutions" / f"{chapter}.ipynb"
+        nb = nbformat.read(path, as_version=4)
+        heads = tuple(f"def {n}(" for n in names) + tuple(f"class {n}(" for n in names)
+        return [c.source for c in nb.cells if c.cell_type == "code" and c.source.startswith(heads)]
+
+    return cells

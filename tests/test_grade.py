@@ -23,8 +23,6 @@ SOFTMAX = '''def softmax(logits, dim=-1):
     shifted = logits - logits.amax(dim=dim, keepdim=True)
     e = shifted.exp()
     return e / e.sum(dim=dim, keepdim=True)'''
-# The other exercises bind the course's references: a correct notebook without pages of code.
-OTHERS = "\n".join(f'{name} = cu.reference("{name}")' for name in IDS if name != "softmax")
 
 
 def notebook(*sources: str, chapter: str | None = CHAPTER) -> nbformat.NotebookNode:
@@ -105,12 +103,14 @@ def test_grade_dir_needs_notebooks(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def batch(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def batch(tmp_path_factory: pytest.TempPathFactory, solution_cells) -> dict:
     """Grade a class: correct, stubbed, rearranged, crashing, malformed and chapterless notebooks."""
+    # The other exercises come from the solution notebook (the course's references never pass).
+    others = "\n\n".join(solution_cells(CHAPTER, [i for i in IDS if i != "softmax"]))
     root = tmp_path_factory.mktemp("grading")
     subs = root / "submissions"
     name = f"{CHAPTER}.ipynb"
-    write(subs / "alice" / name, notebook(IMPORTS, SOFTMAX, 'cu.check("softmax", softmax)', OTHERS))
+    write(subs / "alice" / name, notebook(IMPORTS, SOFTMAX, 'cu.check("softmax", softmax)', others))
     write(subs / "alice" / ".ipynb_checkpoints" / name, notebook("raise SystemExit"))
     # bob's notebook is what `course build` gives a learner: every exercise a stub.
     solution = notebook(
@@ -129,11 +129,11 @@ def batch(tmp_path_factory: pytest.TempPathFactory) -> dict:
             "import course_utils as cu",
             "1 / 0",
             SOFTMAX,
-            OTHERS,
+            others,
             "#md the end",
         ),
     )
-    write(subs / "dave" / name, notebook(IMPORTS, SOFTMAX, "import os\nos._exit(1)", OTHERS))
+    write(subs / "dave" / name, notebook(IMPORTS, SOFTMAX, "import os\nos._exit(1)", others))
     (subs / "erin").mkdir()
     (subs / "erin" / name).write_text('{"cells": [}')
     write(subs / "frank.ipynb", notebook(IMPORTS, SOFTMAX, chapter=None))

@@ -15,17 +15,9 @@ from nbformat.v4 import new_code_cell, new_notebook
 
 from course_utils import checking, grade, remote
 
-ROOT = Path(__file__).resolve().parents[1]
 CH01 = "01_logits_softmax_cross_entropy"
 IDS01 = [e.id for e in grade.chapter_exercises(CH01)]
 IMPORTS = "import torch\nimport torch.nn.functional as F\nimport course_utils as cu"
-
-
-def solution_cells(chapter: str, names: list[str]) -> list[str]:
-    """The solution notebook's cells that define ``names`` (functions or classes)."""
-    nb = nbformat.read(ROOT / "solutions" / f"{chapter}.ipynb", as_version=4)
-    wanted = tuple(f"def {n}(" for n in names) + tuple(f"class {n}(" for n in names)
-    return [c.source for c in nb.cells if c.cell_type == "code" and c.source.startswith(wanted)]
 
 
 def notebook(chapter: str, *sources: str) -> nbformat.NotebookNode:
@@ -97,7 +89,9 @@ gumbel_softmax = types.FunctionType(cu.reference("gumbel_softmax").__code__, glo
 
 
 @pytest.fixture(scope="module")
-def graded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, grade.NotebookResult]:
+def graded(
+    tmp_path_factory: pytest.TempPathFactory, solution_cells
+) -> dict[str, grade.NotebookResult]:
     """One class: an honest notebook, four forged verdicts and one built from the references."""
     root = tmp_path_factory.mktemp("trust")
     subs = root / "subs"
@@ -182,7 +176,7 @@ def test_hidden_autograd_engines_fail_when_graded(tmp_path: Path, route: str) ->
 
 
 @pytest.mark.slow
-def test_a_class_and_an_alias_of_it_grade_as_the_class(tmp_path: Path) -> None:
+def test_a_class_and_an_alias_of_it_grade_as_the_class(tmp_path: Path, solution_cells) -> None:
     cells = solution_cells("00_gradient_checking", ["SiLUFunction"])
     path = write(
         tmp_path / "00_gradient_checking.ipynb",
