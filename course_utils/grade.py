@@ -1,18 +1,18 @@
 """Grade notebooks by what they define, not by where: run the notebook, then check its names.
 
 A notebook is copied to a temporary folder and executed with nbclient in a child
-process (its own session, so a timeout kills it and its kernel together). After
-the learner's cells, one extra cell in the same kernel calls ``grade_namespace``
-on the kernel's globals and prints the rows as JSON after a marker line. Cells may
-be inserted, split, deleted or reordered freely: only the final definitions count.
-Grading trusts the learner's kernel; it stops mistakes, not a determined cheat.
+process (its own session, so a timeout kills it and its kernel together). Then,
+with the kernel still running, the child grades each exercise the notebook defines
+(``remote.grade_in_kernel``): the battery runs in the child, and every call of the
+learner's function is sent to the kernel and its result judged back in the child,
+so no cell can write its own verdict. Cells may be inserted, split, deleted or
+reordered freely: only the final definitions count.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import math
 import os
@@ -96,70 +96,6 @@ def _first_line(text: str, exercise_id: str = "") -> str:
     line = str(text).strip().splitlines()[0] if str(text).strip() else ""
     prefix = f"{exercise_id}: "
     return line[len(prefix) :] if exercise_id and line.startswith(prefix) else line
-
-
-def grade_namespace(
-    chapter: str, namespace: dict[str, Any], *, exercise: str | None = None
-) -> list[dict[str, Any]]:
-    """Strictly check every exercise of ``chapter`` (or just ``exercise``) that ``namespace`` defines; never raises."""
-    try:
-        exercises = [e for e in chapter_exercises(chapter) if exercise is None or e.id == exercise]
-    except Exception as err:  # noqa: BLE001 - a broken install must still give a row, not a traceback
-        return [
-            _row(
-                "*",
-                "crashed",
-                f"course_utils could not load its checks: {type(err).__name__}: {err}",
-            )
-        ]
-    if not exercises:
-        return [
-            _row(
-                exercise or "*",
-                "missing chapter",
-                f"no exercises are registered for chapter {chapter!r}",
-            )
-        ]
-    rows = []
-    for ex in exercises:
-        fn = next((namespace[n] for n in candidate_names(ex) if n in namespace), None)
-        if fn is None:
-            wanted = " or ".join(f"`{n}`" for n in candidate_names(ex))
-            rows.append(_row(ex.id, "missing", f"the notebook defines no {wanted}"))
-            continue
-        # check() records "pending" just before strict mode turns it into a CheckFailure.
-        checking._LAST_STATUS.pop(ex.id, None)
-        start = time.perf_counter()
-        try:
-            # The learner's prints must not be mistaken for the grader's output.
-            with (
-                contextlib.redirect_stdout(io.StringIO()),
-                contextlib.redirect_stderr(io.StringIO()),
-            ):
-                report = checking.check(ex.id, fn, strict=True)
-            rows.append(
-                _row(
-                    ex.id,
-                    report.status,
-                    f"{len(report.rows)} checks passed",
-                    time.perf_counter() - start,
-                )
-            )
-        except checking.CheckFailure as failure:
-            status = "pending" if checking.last_status(ex.id) == "pending" else "failed"
-            rows.append(
-                _row(ex.id, status, _first_line(str(failure), ex.id), time.perf_counter() - start)
-            )
-        except BaseException as err:  # noqa: BLE001 - sys.exit or Ctrl-C inside a check still only fails it
-            rows.append(
-                _row(
-                    ex.id,
-                    "failed",
-                    f"the check stopped: {type(err).__name__}: {_first_line(str(err))}",
-                    time.perf_counter() - start,
-                )
-            )
-    return rows
 
 
 @dataclass
