@@ -155,9 +155,13 @@ def python_paths(forbidden: Iterable[Path | str] = ()) -> tuple[list[Path], list
 
 
 def default_forbidden() -> list[Path]:
-    """What no sandbox may show whatever the caller says: the instructors' solutions beside the package."""
-    solutions = _PACKAGE.parent / "solutions"
-    return [solutions] if solutions.exists() else []
+    """What no sandbox may show: the repository around the package (solutions, tests), not a Python inside it."""
+    repo = _PACKAGE.parent
+    if not (repo / "pyproject.toml").exists():
+        return []  # an installed package: its parent is site-packages, with nothing to hide
+    pythons = [Path(os.path.realpath(p)) for p in (sys.prefix, sys.base_prefix, sys.executable)]
+    # Every entry of the checkout but a virtual environment in it; the package is bound alone.
+    return [e for e in sorted(repo.iterdir()) if not any(_inside(p, e) for p in pythons)]
 
 
 @functools.cache
