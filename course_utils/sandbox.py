@@ -7,8 +7,8 @@ Isolation levels, best first; ``isolation_available()`` tries them once and says
     and the /bin, /lib links, a few files of /etc, the Python installation with its
     site-packages, and the ``course_utils`` package alone (not the repository, which holds the
     solutions). Writable: the notebook's private working folder, the kernel's private runtime
-    folder (connection file and ipc sockets) and size-capped tmpfs at /tmp (also HOME) and
-    /dev/shm. New pid, network, ipc, uts and cgroup namespaces: no network (not even the
+    folder (its ipc sockets) and size-capped tmpfs at /tmp (also HOME) and /dev/shm. The
+    connection file sits read-only beside it, in a folder the sandbox cannot write. New pid, network, ipc, uts and cgroup namespaces: no network (not even the
     grader's loopback), no other process in sight, and when the sandbox's first process dies
     every process inside dies with it, new sessions and double forks included.
     As root, bwrap sets the sandbox up and ``setpriv`` drops to an unprivileged uid of its own
@@ -40,7 +40,7 @@ Use it as a context manager; leaving the block ends every process started inside
         NotebookClient(nb, km=km, resources={"metadata": {"path": str(workdir)}}).execute()
 
 This file is also the launcher that ``wrap`` puts in front of a command: it runs outside the
-sandbox with the grader's rights, records the pid, hands the runtime folder's files to the
+sandbox with the grader's rights, records the pid, hands the connection file to the
 sandbox's uid, then executes prlimit / bwrap / setpriv. It needs the standard library only.
 """
 
@@ -74,7 +74,8 @@ KERNEL_NAME = "course-sandbox"
 PACKAGE_MOUNT = Path("/opt/course-utils")
 _PACKAGE = Path(__file__).resolve().parent
 # What of /etc a Python kernel reads: the loader cache, time zone, fonts, certificates, and the
-# alternatives that some /usr/bin links point through. Never shadow, passwd or the rest.
+# alternatives that some /usr/bin links point through. Not the real passwd, shadow or the rest:
+# a made-up passwd names the sandbox's uid.
 _ETC = (
     "ld.so.cache",
     "ld.so.conf",
@@ -183,8 +184,8 @@ def isolation_available() -> tuple[str, str]:
 
 
 def _probe(level: str) -> str | None:
-    # Build the very command a sandbox would, around `true`, so any option this bwrap or kernel
-    # lacks shows up now and not in the middle of grading.
+    # Build the very command a sandbox would, around an empty Python, so any option this bwrap
+    # or kernel lacks shows up now and not in the middle of grading.
     with tempfile.TemporaryDirectory(prefix="course-sandbox-probe-") as tmp:
         work = Path(tmp) / "work"
         work.mkdir()
@@ -194,7 +195,16 @@ def _probe(level: str) -> str | None:
             return str(err)
         try:
             proc = subprocess.run(
-                box.wrap([sys.executable, "-I", "-S", "-c", ""]),
+                # Another uid may fail to reach our prefix and fall back on a system one.
+                box.wrap(
+                    [
+                        sys.executable,
+                        "-I",
+                        "-S",
+                        "-c",
+                        f"import sys; sys.exit(sys.prefix != {sys.prefix!r})",
+                    ]
+                ),
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
                 text=True,
@@ -206,7 +216,7 @@ def _probe(level: str) -> str | None:
             box.close()
         if proc.returncode != 0:
             lines = (proc.stderr or proc.stdout).strip().splitlines()
-            return lines[-1] if lines else f"exit status {proc.returncode}"
+            return lines[-1] if lines else f"{sys.executable} does not run there as itself"
         return None
 
 
@@ -220,6 +230,8 @@ class Sandbox:
     and ``default_forbidden()`` is always added. ``uid`` overrides the automatic one (root only).
     ``env`` adds variables inside; nothing else of the grader's environment goes in.
     ``level`` asks for a lower level than ``isolation_available()`` (to compare, or to test).
+    After construction: ``level`` (the one in force), ``uid`` (of the code inside, as the
+    grader sees it), ``own_uid`` (whether that uid is this sandbox's alone), ``runtime_dir``.
     """
 
     def __init__(
@@ -252,9 +264,12 @@ class Sandbox:
         self.root = os.getuid() == 0
         if uid is not None and not self.root:
             raise ValueError("only root can run a sandbox under another uid")
-        # The state folder holds the launcher's instructions and pid list (never shown inside)
-        # and the runtime folder (shown inside at the same path).
+        # The state folder holds the launcher's instructions and pid list (never shown inside),
+        # the kernel's connection folder (read-only inside: the grader writes there as root, so
+        # the sandbox must not be able to plant a symlink in it) and its runtime folder for the
+        # ipc sockets (writable inside), both at the same paths inside as outside.
         self.state = Path(os.path.realpath(tempfile.mkdtemp(prefix="course-sandbox-")))
+        self.connection_dir = self.state / "connection"
         self.runtime_dir = self.state / "runtime"
         self.forbidden = [*map(Path, forbidden), *default_forbidden(), self.state]
         try:
@@ -277,10 +292,11 @@ class Sandbox:
             # A slot's uid may hold what a crashed grader left behind.
             _kill_uid(self.uid, self.gid)
         self.runtime_dir.mkdir(mode=0o700)
+        self.connection_dir.mkdir(mode=0o711)
         home = self.state / "home"
         home.mkdir(mode=0o700)
         if self.own_uid:
-            # rlimits level: the uid must reach its runtime folder through the state folder.
+            # rlimits level: the uid reaches its folders through the state folder, unlisted.
             self.state.chmod(0o711)
             for path in (self.runtime_dir, home):
                 os.chown(path, self.uid, self.gid)
@@ -289,6 +305,7 @@ class Sandbox:
             if not is_safe(path, [*self.forbidden, self.workdir]):
                 raise ValueError(f"{path}: contains or lies in a folder the sandbox must not show")
         self.readonly = [Path(os.path.abspath(p)) for p in readonly]
+        self._python = python_paths([*self.forbidden, self.workdir])
         inside = self._env(env, home)
         if self.level == "bwrap":
             prefix, launch_env = self._bwrap_prefix(inside), {"PATH": "/usr/bin:/bin"}
@@ -300,7 +317,7 @@ class Sandbox:
             "prefix": prefix,
             "env": launch_env,
             "cwd": str(self.workdir),
-            "runtime": str(self.runtime_dir),
+            "connection": str(self.connection_dir),
             "uid": self.uid if self.own_uid else None,
             "gid": self.gid,
             "pids": str(self.state / "pids"),
@@ -356,7 +373,7 @@ class Sandbox:
             link_dir.mkdir()
             (link_dir / "course_utils").symlink_to(_PACKAGE)
             package_parent = str(link_dir)
-        _, extra_paths = python_paths(self.forbidden)
+        _, extra_paths = self._python
         return {
             "PATH": os.pathsep.join(
                 [str(Path(sys.executable).parent), "/usr/local/bin", "/usr/bin", "/bin"]
@@ -456,13 +473,14 @@ class Sandbox:
         size = str(self.limits.tmp_bytes)
         mounts.tmpfs("/dev/shm", size)
         mounts.tmpfs("/tmp", size)
-        required, extra = python_paths([*self.forbidden, self.workdir])
+        required, extra = self._python
         for path in [*required, *extra]:
             mounts.ro(path)
         mounts.ro(_PACKAGE, PACKAGE_MOUNT / "course_utils")
         for path in self.readonly:
             mounts.ro(path)
         mounts.rw(self.workdir)
+        mounts.ro(self.connection_dir)
         mounts.rw(self.runtime_dir)
         # The bare root is a tmpfs too: a read-only one cannot be filled up.
         mounts.add("--remount-ro", "/")
@@ -502,14 +520,12 @@ class Sandbox:
 
         cls = manager_class or AsyncKernelManager
         specs = KernelSpecManager(kernel_dirs=[str(self.kernel_spec_dir())])
-        # The connection file and the ipc sockets live in the runtime folder: private to this
-        # sandbox and the only folder of the grader's that the kernel may write.
         return cls(
             kernel_name=KERNEL_NAME,
             kernel_spec_manager=specs,
             transport="ipc",
             ip=str(self.runtime_dir / "kernel"),
-            connection_file=str(self.runtime_dir / "kernel.json"),
+            connection_file=str(self.connection_dir / "kernel.json"),
             **kwargs,
         )
 
@@ -526,8 +542,8 @@ class Sandbox:
             if _start_time(pid) != start:
                 continue  # gone, and its pid may already belong to someone else
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                if self.level != "bwrap":
-                    os.killpg(os.getpgid(pid), signal.SIGKILL)
+                if self.level != "bwrap" and os.getpgid(pid) == pid:
+                    os.killpg(pid, signal.SIGKILL)
                 # bwrap's first process: with it go the pid namespace and everything inside.
                 os.kill(pid, signal.SIGKILL)
         if self.own_uid:
@@ -540,8 +556,7 @@ class Sandbox:
             return
         self._closed = True
         try:
-            if hasattr(self, "uid"):
-                self.cleanup()
+            self.cleanup()
         finally:
             shutil.rmtree(self.state, ignore_errors=True)
             if self._slot_lock is not None:
@@ -556,7 +571,8 @@ class Sandbox:
 
     def _take_slot(self) -> int:
         # One uid per live sandbox, across threads and processes: the slot is a held flock.
-        slots = Path(tempfile.gettempdir()) / "course-sandbox-slots"
+        # Fixed, not under TMPDIR: two graders with different TMPDIRs must still see each other.
+        slots = Path("/run/course-sandbox")
         slots.mkdir(mode=0o700, exist_ok=True)
         info = os.lstat(slots)
         if info.st_uid != os.getuid() or not os.path.isdir(slots) or os.path.islink(slots):
@@ -711,11 +727,11 @@ def _pidns_members(namespaces: set[str]) -> list[int]:
 
 def _kill_uid(uid: int, gid: int) -> None:
     # kill(-1) from the uid itself reaches all of its processes at once, and the kernel lets no
-    # fork slip through meanwhile: racing a fork bomb pid by pid could lose.
-    reaper = "import os, signal\ntry: os.kill(-1, signal.SIGKILL)\nexcept ProcessLookupError: pass"
+    # fork slip through meanwhile: racing a fork bomb pid by pid could lose. The shell's builtin
+    # does it (procps' kill misreads -1); any uid may run /bin/sh, not always our Python.
     setpriv = [_which("setpriv"), f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--"]
     for _ in range(5):
-        subprocess.run([*setpriv, sys.executable, "-I", "-S", "-c", reaper], check=False)
+        subprocess.run([*setpriv, "/bin/sh", "-c", "kill -s KILL -- -1 2>/dev/null"], check=False)
         if _wait_gone(lambda: uid_processes(uid), timeout=2.0, strict=False):
             return
     raise RuntimeError(f"processes of uid {uid} survived SIGKILL: {uid_processes(uid)}")
@@ -743,20 +759,23 @@ def _launch(argv: list[str]) -> int:
         return 2
     spec = json.loads(Path(state, "launch.json").read_text(encoding="utf-8"))
     if spec["uid"] is not None:
-        _hand_over(Path(spec["runtime"]), spec["uid"], spec["gid"])
+        _hand_over(Path(spec["connection"]), spec["uid"], spec["gid"])
     start = _start_time(os.getpid())
     with open(spec["pids"], "a", encoding="utf-8") as pids:
         pids.write(f"{os.getpid()} {'-' if start is None else start}\n")
     os.chdir(spec["cwd"])
+    # A group of its own, so cleanup can kill the group without hitting whoever started us.
+    with contextlib.suppress(OSError):
+        os.setsid()
     os.execvpe(
         spec["prefix"][0] if spec["prefix"] else cmd[0], [*spec["prefix"], *cmd], spec["env"]
     )
 
 
-def _hand_over(runtime: Path, uid: int, gid: int) -> None:
-    # The grader writes the kernel's connection file (0600) before the kernel starts; the
-    # runtime folder is the sandbox's, so everything in it goes to the sandbox's uid.
-    for entry in os.scandir(runtime):
+def _hand_over(folder: Path, uid: int, gid: int) -> None:
+    # The grader writes the kernel's connection file (0600, the session key) just before the
+    # kernel starts, in a folder of this sandbox alone: the kernel's uid must read it.
+    for entry in os.scandir(folder):
         if not entry.is_file(follow_symlinks=False):
             continue
         fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)

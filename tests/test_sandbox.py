@@ -303,6 +303,25 @@ def test_kernel_sees_no_other_process(shared: tuple[Classroom, Kernel]) -> None:
     assert status == "ok" and int(text) < 10, text
 
 
+def test_kernel_cannot_touch_the_graders_side_of_the_sandbox(
+    shared: tuple[Classroom, Kernel],
+) -> None:
+    _, kernel = shared
+    state, connection = kernel.box.state, kernel.box.connection_dir
+    status, text = kernel.run(
+        f"""
+        import os
+        print(sorted(os.listdir({str(state)!r})))
+        try:
+            open({str(connection / "planted")!r}, "w")
+        except OSError as err:
+            print(type(err).__name__)
+        """
+    )
+    # Not the launcher's instructions nor its pid list; the connection folder is read-only.
+    assert (status, text.split("\n")) == ("ok", ["['connection', 'runtime']", "OSError"]), text
+
+
 @needs_bwrap
 def test_a_double_forked_setsid_process_dies_with_the_sandbox(room: Classroom) -> None:
     marker = f"escapee-{os.getpid()}-{time.monotonic_ns()}"
@@ -396,6 +415,22 @@ needs_rlimits = pytest.mark.skipif(
     not (ROOT and SYSTEM_PYTHON and shutil.which("setpriv") and shutil.which("prlimit")),
     reason="the rlimits level is tested as root, with setpriv, prlimit and a system Python",
 )
+
+
+def runs_as_another_uid(python: str) -> bool:
+    """Whether an unprivileged uid may run ``python`` (not where it sits in a folder only root enters)."""
+    become = [
+        "setpriv",
+        f"--reuid={sandbox.BASE_UID - 1}",
+        f"--regid={sandbox.BASE_UID - 1}",
+        "--clear-groups",
+    ]
+    return (
+        subprocess.run(
+            [*become, "--", python, "-c", "import ipykernel"], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 def run_rlimits(box: Sandbox, code: str) -> subprocess.CompletedProcess[str]:
@@ -502,3 +537,15 @@ def test_an_unprivileged_grader_gets_the_same_isolation(room: Classroom) -> None
     # The pid namespace ended with the sandbox's first process: nothing to clean up by uid.
     assert marker_processes(marker) == []
     assert_escapee_never_wrote(room)
+
+
+@needs_rlimits
+def test_rlimits_level_runs_a_kernel(room: Classroom) -> None:
+    if not runs_as_another_uid(sys.executable):
+        pytest.skip(f"{sys.executable} with ipykernel cannot run as an unprivileged uid here")
+    with room.sandbox(level="rlimits") as box:
+        kernel = Kernel(box)
+        try:
+            assert kernel.run("import os\nprint(os.getuid())") == ("ok", str(box.uid))
+        finally:
+            kernel.stop()
