@@ -202,7 +202,7 @@ def _probe(level: str) -> str | None:
                         "-I",
                         "-S",
                         "-c",
-                        f"import sys; sys.exit(sys.prefix != {sys.prefix!r})",
+                        f"import sys; sys.exit(sys.base_prefix != {sys.base_prefix!r})",
                     ]
                 ),
                 stdin=subprocess.DEVNULL,
