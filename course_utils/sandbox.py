@@ -501,8 +501,17 @@ class Sandbox:
         spec_dir = kernels / KERNEL_NAME
         spec_dir.mkdir(parents=True, exist_ok=True)
         spec = {
+            # parent_handle=1: no parent to poll (bwrap dies with the grader, and inside a pid
+            # namespace ipykernel would mistake bwrap's init for an orphaning) and no banner.
             "argv": self.wrap(
-                [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+                [
+                    sys.executable,
+                    "-m",
+                    "ipykernel_launcher",
+                    "--IPKernelApp.parent_handle=1",
+                    "-f",
+                    "{connection_file}",
+                ]
             ),
             "display_name": "Python 3 (sandboxed)",
             "language": "python",
