@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,8 @@ from .build import read_notebook, show
 DEFAULT_TIMEOUT = 600.0
 #: Longest one call of a learner's function may take when graded (a check takes under 2 s).
 CALL_TIMEOUT = 60.0
+#: Variables the learner's kernel gets inside its sandbox (nothing else of the grader's).
+KERNEL_ENV = {"COURSE_STRICT": "1", "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
 CSV_FIELDS = ("student", "notebook", "chapter", "exercise", "status", "message", "seconds")
 #: Notebook-level outcomes; each exercise row (or one "*" row) carries it as its status.
 NOTEBOOK_PROBLEMS = ("timeout", "crashed", "malformed", "missing chapter")
@@ -151,11 +154,14 @@ def grade_notebook(
     chapter: str | None = None,
     exercise: str | None = None,
     call_timeout: float = CALL_TIMEOUT,
+    forbidden: Sequence[Path | str] = (),
 ) -> NotebookResult:
     """Execute a copy of the notebook (strict mode) within ``timeout`` seconds and grade what it defines.
 
     One call of a learner's function may take ``call_timeout`` seconds before it is stopped
-    and its case failed; the other exercises are still graded.
+    and its case failed; the other exercises are still graded. The kernel runs in a
+    ``sandbox.Sandbox`` that never shows the notebook's own folder nor the ``forbidden``
+    paths (the other submissions, the output files).
     """
     path = Path(path)
     start = time.perf_counter()
@@ -172,12 +178,19 @@ def grade_notebook(
             f"{show(path)}: cannot tell its chapter: no known course.chapter in its metadata "
             "and its name does not start with a chapter number such as 01_",
         )
+    from . import sandbox
+
     with tempfile.TemporaryDirectory(prefix="course-grade-") as tmp:
         work = Path(tmp)
         copy = work / "run" / path.name
         copy.parent.mkdir()
         shutil.copyfile(path, copy)
-        outcome = _run_child(copy, chapter, exercise, timeout, work, call_timeout)
+        # Made here, not in the child: closing it ends whatever the notebook started, even
+        # when the child is killed at the timeout.
+        with sandbox.Sandbox(
+            copy.parent, forbidden=[path.parent, *forbidden], env=KERNEL_ENV
+        ) as box:
+            outcome = _run_child(copy, chapter, exercise, timeout, work, call_timeout, box)
     seconds = time.perf_counter() - start
     if outcome["status"] != "graded":
         return _problem(path, chapter, outcome["status"], outcome["message"], seconds, exercise)
@@ -190,9 +203,22 @@ def _run_child(
     exercise: str | None,
     timeout: float,
     work: Path,
-    call_timeout: float = CALL_TIMEOUT,
+    call_timeout: float,
+    box: Any,
 ) -> dict[str, Any]:
     result_file, pid_file, log = work / "result.json", work / "kernel.pid", work / "stderr.txt"
+    box_file = work / "sandbox.json"
+    box_file.write_text(
+        json.dumps(
+            {
+                "kernels": str(box.kernel_spec_dir()),
+                "runtime": str(box.runtime_dir),
+                "connection": str(box.connection_dir),
+                "prefix": box.wrap([]),
+            }
+        ),
+        encoding="utf-8",
+    )
     env = dict(os.environ, COURSE_STRICT="1", MPLBACKEND="Agg", PYDEVD_DISABLE_FILE_VALIDATION="1")
     # Connection files of a killed kernel then vanish with the temporary folder.
     env["JUPYTER_RUNTIME_DIR"] = str(work / "runtime")
@@ -217,6 +243,8 @@ def _run_child(
         str(result_file),
         "--kernel-pid-file",
         str(pid_file),
+        "--sandbox",
+        str(box_file),
     ]
     if exercise:
         cmd += ["--exercise", exercise]
@@ -289,10 +317,12 @@ def _execute(
     exercise: str | None,
     cell_timeout: float,
     pid_file: Path | None,
-    deadline: float | None = None,
-    call_timeout: float = CALL_TIMEOUT,
+    deadline: float | None,
+    call_timeout: float,
+    box: dict[str, Any],
 ) -> dict[str, Any]:
     """Run the notebook in its kernel, then grade it from here (inside the child process).
+    ``box`` describes the sandbox the parent made (see ``_run_child``).
 
     The batteries run in this process; the kernel only answers calls of the learner's
     functions (see ``remote``), so nothing a cell does can write the verdict.
@@ -322,12 +352,25 @@ def _execute(
     def on_cell(cell: Any = None, cell_index: int = 0, **_: Any) -> None:
         running["index"] = cell_index
 
-    km = AsyncKernelManager(kernel_name="python3")
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    from .sandbox import KERNEL_NAME
+
+    km = AsyncKernelManager(
+        kernel_name=KERNEL_NAME,
+        kernel_spec_manager=KernelSpecManager(kernel_dirs=[box["kernels"]]),
+        transport="ipc",
+        ip=f"{box['runtime']}/kernel",
+        connection_file=f"{box['connection']}/kernel.json",
+    )
+    # Requests go where the kernel can read but not write (no symlink can be planted for the
+    # grader to follow); answers come back through its own runtime folder.
+    requests, answers, prefix = Path(box["connection"]), Path(box["runtime"]), box["prefix"]
     client = NotebookClient(
         nb,
         km=km,
         timeout=max(1, math.ceil(cell_timeout)),
-        kernel_name="python3",
+        kernel_name=km.kernel_name,
         allow_errors=True,
         interrupt_on_timeout=True,
         record_timing=False,
@@ -350,14 +393,14 @@ def _execute(
         kc = BlockingKernelClient()
         kc.load_connection_info(km.get_connection_info())
         kc.start_channels()
-        exchange = path.parent.parent / "exchange"
-        exchange.mkdir(exist_ok=True)
         link = remote.KernelLink(
             kc,
-            exchange,
+            requests,
+            answers,
             deadline_mono,
             interrupt=run_sync(km.interrupt_kernel),
             call_timeout=call_timeout,
+            prefix=prefix,
         )
         exercises = [e for e in chapter_exercises(chapter) if exercise in (None, e.id)]
         try:
@@ -393,9 +436,11 @@ def _student(root: Path, path: Path) -> str:
     return rel.parts[0] if len(rel.parts) > 1 else rel.stem
 
 
-def _grade_safely(path: Path, timeout: float) -> NotebookResult:
+def _grade_safely(
+    path: Path, timeout: float, forbidden: Sequence[Path | str] = ()
+) -> NotebookResult:
     try:
-        return grade_notebook(path, timeout=timeout)
+        return grade_notebook(path, timeout=timeout, forbidden=forbidden)
     except Exception as err:  # noqa: BLE001 - one bad notebook never stops the batch
         return _problem(
             path,
@@ -416,6 +461,7 @@ def _child_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cell-timeout", type=float, default=DEFAULT_TIMEOUT)
     parser.add_argument("--deadline", type=float, help="wall-clock time by which judging ends")
     parser.add_argument("--call-timeout", type=float, default=CALL_TIMEOUT)
+    parser.add_argument("--sandbox", type=Path, required=True, help="the parent's sandbox (JSON)")
     parser.add_argument("--result", type=Path, required=True)
     parser.add_argument("--kernel-pid-file", type=Path)
     args = parser.parse_args(argv)
@@ -427,6 +473,7 @@ def _child_main(argv: list[str] | None = None) -> int:
         args.kernel_pid_file,
         args.deadline,
         args.call_timeout,
+        json.loads(args.sandbox.read_text(encoding="utf-8")),
     )
     args.result.write_text(json.dumps(outcome), encoding="utf-8")
     return 0

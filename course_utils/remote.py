@@ -14,12 +14,13 @@ in a fresh process of its own, which the notebook's cells never ran in.
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import os
+import stat
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -63,13 +64,17 @@ class KernelLink:
     def __init__(
         self,
         client: Any,
-        exchange: Path,
+        requests: Path,
+        answers: Path,
         deadline: float,
         interrupt: Callable[[], None] | None = None,
         call_timeout: float = 60.0,
+        prefix: list[str] | None = None,
     ) -> None:
         self.client = client
-        self.exchange = Path(exchange)
+        self.requests, self.answers = Path(requests), Path(answers)
+        # The command prefix that runs a program in the kernel's sandbox (class checks).
+        self.prefix = list(prefix or [])
         self.deadline = deadline
         self.interrupt = interrupt
         self.call_timeout = call_timeout
@@ -88,11 +93,12 @@ class KernelLink:
         if self.broken:
             raise KernelGone(self.broken)
         n = next(self._ids)
-        req, out = self.exchange / f"req-{n}.pkl", self.exchange / f"ans-{n}.pt"
+        req, out = self.requests / f"req-{n}.pkl", self.answers / f"ans-{n}.pt"
         payload = dict(payload, out=str(out))
         if "blob" in payload:
-            payload["blob"] = str(self.exchange / payload["blob"])
+            payload["blob"] = str(self.answers / payload["blob"])
         req.write_bytes(cloudpickle.dumps((agent.serve, payload)))
+        req.chmod(0o644)
         code = (
             f"(lambda p: (lambda f, r: f(globals(), r))("
             f"*__import__('cloudpickle').loads(open(p, 'rb').read())))({str(req)!r})"
@@ -126,15 +132,9 @@ class KernelLink:
                 f"({content.get('ename', '?')}: {str(content.get('evalue', ''))[:200]})"
             )
         try:
-            if out.stat().st_size > MAX_ANSWER_BYTES:
-                raise KernelGone(f"the answer was larger than {MAX_ANSWER_BYTES // 2**20} MiB")
-            answer = torch.load(out, weights_only=True)
-        except KernelGone:
-            raise
+            answer = torch.load(io.BytesIO(read_private(out, MAX_ANSWER_BYTES)), weights_only=True)
         except Exception as err:  # noqa: BLE001 - an unreadable answer is the learner's doing
-            raise KernelGone(
-                f"the kernel's answer could not be read ({type(err).__name__})"
-            ) from None
+            raise KernelGone(f"the kernel's answer could not be read ({err})") from None
         finally:
             out.unlink(missing_ok=True)
         if not isinstance(answer, dict):
@@ -153,6 +153,18 @@ class KernelLink:
             )
         except Exception:  # noqa: BLE001 - a kernel that ignores interrupts is finished for us
             self.broken = "an earlier call never returned, and the kernel ignored the interrupt"
+
+
+def read_private(path: Path, limit: int) -> bytes:
+    """The bytes of a regular file the sandbox wrote, never through a link, at most ``limit``."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError("it is not a regular file")
+        if info.st_size > limit:
+            raise OSError(f"it is larger than {limit // 2**20} MiB")
+        return f.read(limit + 1)[:limit]
 
 
 class RemoteFunction:
@@ -282,43 +294,34 @@ def _check_class(link: KernelLink, ex: checking.Exercise, name: str, seed: int) 
         link.request({"op": "export", "name": name, "blob": blob})
     except (KernelTimeout, KernelGone) as err:
         raise checking.CheckFailure(f"`{name}` could not be exported for checking: {err}") from None
-    source = link.exchange / blob
+    source, result = link.answers / blob, link.answers / f"result-{ex.id}.json"
     if not source.exists():
         raise checking.CheckFailure(f"`{name}` could not be exported for checking")
-    with tempfile.TemporaryDirectory(prefix="course-class-") as tmp:
-        result = Path(tmp) / "result.json"
-        cmd = [
-            sys.executable,
-            "-m",
-            "course_utils.remote",
-            str(source),
-            ex.id,
-            str(seed),
-            str(result),
-        ]
-        timeout = max(1.0, link.remaining())
-        try:
-            subprocess.run(
-                cmd,
-                cwd=tmp,
-                env=dict(os.environ, COURSE_STRICT="1"),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                timeout=timeout,
-                start_new_session=True,
-            )
-        except subprocess.TimeoutExpired:
-            raise checking.CheckFailure(
-                f"checking `{name}` did not finish within {timeout:.0f} s"
-            ) from None
-        try:
-            data = json.loads(result.read_text(encoding="utf-8"))
-            status, message, rows = str(data["status"]), str(data["message"]), int(data["rows"])
-        except (OSError, ValueError, KeyError, TypeError):
-            raise checking.CheckFailure(
-                f"checking `{name}` in a fresh process gave no result (does the class end the process?)"
-            ) from None
+    cmd = [sys.executable, "-m", "course_utils.remote", str(source), ex.id, str(seed), str(result)]
+    timeout = max(1.0, min(link.remaining(), 10 * link.call_timeout))
+    try:
+        subprocess.run(
+            [*link.prefix, *cmd],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=timeout,
+            start_new_session=True,
+        )
+    except subprocess.TimeoutExpired:
+        raise checking.CheckFailure(
+            f"checking `{name}` did not finish within {timeout:.0f} s"
+        ) from None
+    try:
+        data = json.loads(read_private(result, 2**20).decode("utf-8"))
+        status, message, rows = str(data["status"]), str(data["message"]), int(data["rows"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise checking.CheckFailure(
+            f"checking `{name}` in a fresh process gave no result (does the class end the process?)"
+        ) from None
+    finally:
+        source.unlink(missing_ok=True)
+        result.unlink(missing_ok=True)
     if status != "passed":
         raise checking.CheckFailure(message)
     return checking.Report(ex.id, "passed", [checking.Row("", "", None, None, "ok")] * rows)
