@@ -361,6 +361,20 @@ class Journal:
 # ---- the batch -------------------------------------------------------------------------------
 
 
+def isolation_warning() -> str | None:
+    """A loud one-line warning when learners' notebooks cannot be sandboxed here, else None."""
+    from .sandbox import isolation_available
+
+    level, reason = isolation_available()
+    if level == "bwrap":
+        return None
+    return (
+        f"WARNING: learners' notebooks will NOT be isolated from each other or from you "
+        f"({reason}); install bubblewrap (apt-get install bubblewrap) and see the README's "
+        "grading section."
+    )
+
+
 def grade_dir(
     submissions_dir: Path | str,
     out_csv: Path | str,
@@ -389,6 +403,9 @@ def grade_dir(
             print(f"course grade: {text}", file=sys.stderr)
 
     journal_file = journal_path(out_csv)
+    warning = isolation_warning()
+    if warning:
+        print(f"course grade: {warning}", file=sys.stderr)
     hashes = {path: file_hash(path) for path in paths}
     names = {path: path.relative_to(root).as_posix() for path in paths}
     done: dict[Path, NotebookResult] = {}
@@ -426,7 +443,11 @@ def grade_dir(
             ) as bar,
         ):
             todo = [path for path in paths if path not in done]
-            futures = {pool.submit(grade._grade_safely, path, timeout): path for path in todo}
+            # No learner's sandbox may show the other submissions or what the grader writes.
+            hidden = [root, out_csv, junit, journal_file]
+            futures = {
+                pool.submit(grade._grade_safely, path, timeout, hidden): path for path in todo
+            }
             try:
                 for future in as_completed(futures):
                     path = futures[future]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -198,3 +199,57 @@ def test_endless_loop_times_out_and_the_batch_goes_on(tmp_path: Path) -> None:
     assert 8 <= hank.seconds < 30
     assert ivy.status == "malformed"
     assert (tmp_path / "j.xml").exists() and not (tmp_path / "g.xml").exists()
+
+
+# ---- one learner cannot reach another, nor the grader's files --------------------------------
+
+
+@pytest.mark.slow
+def test_a_learner_cannot_touch_another_or_the_grades(tmp_path: Path) -> None:
+    from course_utils import sandbox
+
+    level, reason = sandbox.isolation_available()
+    if level != "bwrap":
+        pytest.skip(f"no bubblewrap isolation here ({reason}); `apt-get install bubblewrap`")
+    subs, out = tmp_path / "subs", tmp_path / "out" / "grades.csv"
+    name = f"{CHAPTER}.ipynb"
+    alice = write(subs / "alice" / name, notebook(IMPORTS, SOFTMAX))
+    bob = write(subs / "bob" / name, notebook(IMPORTS, SOFTMAX))
+    marker = tmp_path / "escaped.txt"
+    attacks = f"""
+import os, time
+for victim in ({str(alice)!r}, "../alice/{name}", {str(out)!r}):
+    try:
+        with open(victim, "w") as f:
+            f.write("overwritten")
+    except OSError:
+        pass
+try:
+    import nbformat
+    stolen = nbformat.read({str(bob)!r}, as_version=4)
+    exec(next(c.source for c in stolen.cells if "def softmax" in c.source))
+except Exception:
+    def softmax(logits, dim=-1):
+        return logits
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        time.sleep(4)
+        for target in ({str(out)!r}, {str(marker)!r}):
+            try:
+                open(target, "a").write("FORGED")
+            except OSError:
+                pass
+    os._exit(0)
+"""
+    greedy = "try:\n    hog = bytearray(30 * 2**30)\nexcept MemoryError:\n    hog = None"
+    write(subs / "mallory" / name, notebook(IMPORTS, attacks))
+    write(subs / "gus" / name, notebook(IMPORTS, greedy, SOFTMAX))
+    before = snapshot(subs)
+    results = {r.student: r for r in grade.grade_dir(subs, out, timeout=120, jobs=2, quiet=True)}
+    time.sleep(6)  # longer than the double-forked process would sleep
+    assert snapshot(subs) == before, "a submission was changed"
+    assert by_exercise(results["alice"])["softmax"] == "passed"
+    assert by_exercise(results["mallory"])["softmax"] == "failed", "it read bob's notebook"
+    assert by_exercise(results["gus"])["softmax"] == "passed", "the kernel died of the 30 GB"
+    assert "FORGED" not in out.read_text() and not marker.exists()
