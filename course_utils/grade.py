@@ -349,6 +349,8 @@ def _execute(
     from nbclient import NotebookClient
     from nbclient.exceptions import DeadKernelError
 
+    from .kernel import client_options
+
     nb = read_notebook(path)
     nb.cells.append(nbformat.v4.new_code_cell(grading_cell(chapter, exercise)))
     running = {"index": 0}
@@ -374,6 +376,7 @@ def _execute(
         resources={"metadata": {"path": str(path.parent)}},
         on_notebook_start=on_start,
         on_cell_start=on_cell,
+        **client_options(),
     )
     try:
         client.execute()
