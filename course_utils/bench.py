@@ -21,6 +21,7 @@ from nbclient import NotebookClient
 from tqdm.auto import tqdm
 
 from .checking import check, exercises
+from .kernel import client_options
 
 NOTEBOOK_BUDGET_S = 60.0
 LONG_NOTEBOOK_BUDGET_S = 180.0
@@ -41,6 +42,7 @@ def time_notebook(path: Path, strict: bool, timeout: int = 600) -> float:
             timeout=timeout,
             kernel_name="python3",
             resources={"metadata": {"path": str(path.parent)}},
+            **client_options(),
         ).execute()
         return time.perf_counter() - start
     finally:

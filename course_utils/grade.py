@@ -76,6 +76,18 @@ def chapter_of(nb: nbformat.NotebookNode, path: Path | str) -> str | None:
     return None
 
 
+def isolation_level() -> tuple[str, str]:
+    """The isolation grading uses and why: ``COURSE_ISOLATION`` if set, else the best available."""
+    from .sandbox import LEVELS, isolation_available
+
+    asked = os.environ.get("COURSE_ISOLATION", "").strip().lower()
+    if not asked:
+        return isolation_available()
+    if asked not in LEVELS:
+        raise ValueError(f"COURSE_ISOLATION must be one of {', '.join(LEVELS)}, not {asked!r}")
+    return asked, "COURSE_ISOLATION asks for it"
+
+
 def candidate_names(ex: checking.Exercise) -> list[str]:
     """Names a notebook may define the exercise under; a class exercise's class name comes first.
 
@@ -188,7 +200,10 @@ def grade_notebook(
         # Made here, not in the child: closing it ends whatever the notebook started, even
         # when the child is killed at the timeout.
         with sandbox.Sandbox(
-            copy.parent, forbidden=[path.parent, *forbidden], env=KERNEL_ENV
+            copy.parent,
+            forbidden=[path.parent, *forbidden],
+            env=KERNEL_ENV,
+            level=isolation_level()[0],
         ) as box:
             outcome = _run_child(copy, chapter, exercise, timeout, work, call_timeout, box)
     seconds = time.perf_counter() - start
@@ -328,12 +343,12 @@ def _execute(
     functions (see ``remote``), so nothing a cell does can write the verdict.
     """
     from jupyter_client.blocking import BlockingKernelClient
-    from jupyter_client.manager import AsyncKernelManager
     from jupyter_core.utils import run_sync
     from nbclient import NotebookClient
     from nbclient.exceptions import DeadKernelError
 
     from . import remote
+    from .kernel import GradingKernelManager
 
     # `deadline` is wall-clock time (from the parent); the link counts on the monotonic clock.
     left = cell_timeout if deadline is None else deadline - time.time()
@@ -356,7 +371,8 @@ def _execute(
 
     from .sandbox import KERNEL_NAME
 
-    km = AsyncKernelManager(
+    # GradingKernelManager: its shell channel cannot lose a cell's reply to a widget's sync.
+    km = GradingKernelManager(
         kernel_name=KERNEL_NAME,
         kernel_spec_manager=KernelSpecManager(kernel_dirs=[box["kernels"]]),
         transport="ipc",

@@ -363,9 +363,7 @@ class Journal:
 
 def isolation_warning() -> str | None:
     """A loud one-line warning when learners' notebooks cannot be sandboxed here, else None."""
-    from .sandbox import isolation_available
-
-    level, reason = isolation_available()
+    level, reason = grade.isolation_level()
     if level == "bwrap":
         return None
     return (
