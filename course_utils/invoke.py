@@ -53,8 +53,7 @@ class _Flags:
 _AUTOGRAD_FUNCTIONS = (
     (torch.autograd, ("backward", "grad")),
     (torch.autograd.functional, ("vjp", "jvp", "jacobian", "hessian", "vhp", "hvp")),
-    (torch.nn.grad, ("conv1d_input", "conv1d_weight", "conv2d_input", "conv2d_weight")),
-    (torch.nn.grad, ("conv3d_input", "conv3d_weight")),
+    (torch.nn.grad, tuple(f"conv{d}d_{of}" for d in (1, 2, 3) for of in ("input", "weight"))),
 )
 _FUNC_TRANSFORMS = ("grad", "grad_and_value", "vjp", "jvp", "jacrev", "jacfwd", "hessian")
 

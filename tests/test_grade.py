@@ -7,9 +7,10 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import nbfactory
 import nbformat
 import pytest
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from nbfactory import write
 
 from course_utils import build, grade
 
@@ -26,20 +27,8 @@ SOFTMAX = '''def softmax(logits, dim=-1):
 
 
 def notebook(*sources: str, chapter: str | None = CHAPTER) -> nbformat.NotebookNode:
-    """A notebook of code cells (a source starting with '#md ' is a markdown cell)."""
-    cells = [
-        new_markdown_cell(s[4:]) if s.startswith("#md ") else new_code_cell(s) for s in sources
-    ]
-    nb = new_notebook(cells=cells)
-    if chapter:
-        nb.metadata["course"] = {"chapter": chapter}
-    return nb
-
-
-def write(path: Path, nb: nbformat.NotebookNode) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nbformat.write(nb, path)
-    return path
+    """A notebook of chapter 01 unless told otherwise."""
+    return nbfactory.notebook(*sources, chapter=chapter)
 
 
 def snapshot(folder: Path) -> dict[Path, tuple[bytes, int]]:

@@ -13,11 +13,10 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import nbformat
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from nbformat.v4 import new_code_cell, new_notebook
+from nbfactory import notebook, write
 
 from course_utils import grade, gradebook
 from course_utils.cli import main
@@ -53,11 +52,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def write_notebook(path: Path, *sources: str) -> Path:
-    nb = new_notebook(cells=[new_code_cell(s) for s in sources])
-    nb.metadata["course"] = {"chapter": CHAPTER}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nbformat.write(nb, path)
-    return path
+    return write(path, notebook(*sources, chapter=CHAPTER))
 
 
 # ---- printable text: the XML always parses, the CSV always round-trips -----------------------
@@ -218,6 +213,14 @@ def graded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return calls
 
 
+def interrupt_at_cat(subs: Path, out: Path, **kwargs: object) -> None:
+    """Grade until cat's notebook (the stub raises KeyboardInterrupt there), then let cat go."""
+    (subs / "cat" / "stop").touch()
+    with pytest.raises(KeyboardInterrupt):
+        gradebook.grade_dir(subs, out, **kwargs)
+    (subs / "cat" / "stop").unlink()
+
+
 def test_interrupt_keeps_graded_rows_then_resume_grades_only_the_rest(
     subs: Path, tmp_path: Path, graded: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -276,10 +279,7 @@ def test_resume_grades_changed_and_new_notebooks_again(
     subs: Path, tmp_path: Path, graded: list[str]
 ) -> None:
     out = tmp_path / "grades.csv"
-    (subs / "cat" / "stop").touch()
-    with pytest.raises(KeyboardInterrupt):
-        gradebook.grade_dir(subs, out, quiet=True)
-    (subs / "cat" / "stop").unlink()
+    interrupt_at_cat(subs, out, quiet=True)
     write_notebook(subs / "ben" / f"{CHAPTER}.ipynb", "# ben, edited after the stop")
     write_notebook(subs / "dan" / f"{CHAPTER}.ipynb", "# dan, late")
     graded.clear()
@@ -291,10 +291,7 @@ def test_without_resume_an_old_journal_is_discarded_with_a_note(
     subs: Path, tmp_path: Path, graded: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "grades.csv"
-    (subs / "cat" / "stop").touch()
-    with pytest.raises(KeyboardInterrupt):
-        gradebook.grade_dir(subs, out)
-    (subs / "cat" / "stop").unlink()
+    interrupt_at_cat(subs, out)
     capsys.readouterr()
     graded.clear()
     gradebook.grade_dir(subs, out)
@@ -307,10 +304,7 @@ def test_a_torn_journal_line_or_another_folder_means_grading_again(
     subs: Path, tmp_path: Path, graded: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "grades.csv"
-    (subs / "cat" / "stop").touch()
-    with pytest.raises(KeyboardInterrupt):
-        gradebook.grade_dir(subs, out)
-    (subs / "cat" / "stop").unlink()
+    interrupt_at_cat(subs, out)
     journal = gradebook.journal_path(out)
     header, ann, ben = journal.read_text().splitlines()
     journal.write_text(f"{header}\n{ann}\n{ben[: len(ben) // 2]}")  # killed mid-line

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import nbfactory
 import nbformat
 import pytest
 import torch
-from nbformat.v4 import new_code_cell, new_notebook
+from nbfactory import write
 
 from course_utils import checking, grade, remote
 
@@ -21,15 +22,7 @@ IMPORTS = "import torch\nimport torch.nn.functional as F\nimport course_utils as
 
 
 def notebook(chapter: str, *sources: str) -> nbformat.NotebookNode:
-    nb = new_notebook(cells=[new_code_cell(s) for s in sources])
-    nb.metadata["course"] = {"chapter": chapter}
-    return nb
-
-
-def write(path: Path, nb: nbformat.NotebookNode) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nbformat.write(nb, path)
-    return path
+    return nbfactory.notebook(*sources, chapter=chapter)
 
 
 # Wrong on purpose: every exercise returns its input (or zeros), far from any right answer.
