@@ -89,6 +89,7 @@ def serve(namespace: dict[str, Any], request: dict[str, Any]) -> None:
             request["kwargs"],
             backward=request["backward"],
             watch=request.get("watch"),
+            forbidden=tuple(request.get("forbidden", ())),
         )
         outcome.pop("exception", None)
         outcome["args"], outcome["kwargs"] = request["args"], request["kwargs"]

@@ -133,6 +133,16 @@ class Exercise:
     reference: Callable[..., Any] | None
     arg_names: tuple[str, ...]
     backward: bool = False
+    forbidden: tuple[str, ...] = ()
+
+    def forbidden_text(self) -> str:
+        """The calls this exercise may not use, as a learner reads them ('' if none)."""
+        if not self.forbidden:
+            return ""
+        names = ", ".join(self.forbidden)
+        return f"may not call {names} (in any form: torch., Tensor., F., torch.ops.aten)" + (
+            "; nor autograd, torch.nn.grad or backward kernels" if self.backward else ""
+        )
 
 
 REGISTRY: dict[str, Exercise] = {}
@@ -160,14 +170,27 @@ def exercise(
     summary: str,
     reference: Callable[..., Any] | None = None,
     backward: bool = False,
+    forbidden: tuple[str, ...] = (),
 ) -> Callable[[Callable[[Tester], None]], Callable[[Tester], None]]:
-    """Register the decorated function as the check battery of exercise ``id``."""
+    """Register the decorated function as the check battery of exercise ``id``.
+
+    ``forbidden`` names the PyTorch operators the exercise rebuilds: a bare name
+    (``"softmax"``) forbids every form of it, a qualified one (``"F.unfold"``) that form only.
+    """
 
     def register(battery: Callable[[Tester], None]) -> Callable[[Tester], None]:
         if id in REGISTRY:
             raise ValueError(f"exercise {id!r} is registered twice")
         REGISTRY[id] = Exercise(
-            id, chapter, signature, summary, battery, reference, _arg_names(signature), backward
+            id,
+            chapter,
+            signature,
+            summary,
+            battery,
+            reference,
+            _arg_names(signature),
+            backward,
+            tuple(forbidden),
         )
         return battery
 
@@ -226,8 +249,11 @@ class ExerciseList(list):
         def usage(e: Exercise) -> str:
             return e.signature if e.signature.startswith("class") else f"{e.id}{e.signature}"
 
+        def rules(e: Exercise) -> str:
+            return f"\n{'':<38}   {e.forbidden_text()}" if e.forbidden else ""
+
         return "\n".join(
-            f"{e.chapter:<38} {usage(e)}\n{'':<38}   {e.id}: {e.summary}" for e in self
+            f"{e.chapter:<38} {usage(e)}\n{'':<38}   {e.id}: {e.summary}{rules(e)}" for e in self
         )
 
     __repr__ = __str__
@@ -468,7 +494,13 @@ class Tester:
         target = fn if probe is None else _bind_probe(probe, fn)
         refs = [] if _REFERENCES_ALLOWED else None
         return invoke(
-            target, args, kwargs, backward=self.exercise.backward, watch=watch, references=refs
+            target,
+            args,
+            kwargs,
+            backward=self.exercise.backward,
+            watch=watch,
+            references=refs,
+            forbidden=self.exercise.forbidden,
         )
 
     def _guarded(
@@ -492,6 +524,12 @@ class Tester:
             raise CheckFailure(
                 f"in case {case}, {name} ran the course's reference implementation; "
                 "the check passes only your own code."
+            )
+        if kind == "forbidden":
+            raise CheckFailure(
+                f"in case {case}, {name} called {outcome['message']}, the operator this exercise "
+                "asks you to build yourself; write it from more basic operations "
+                f"({self.exercise.forbidden_text()})."
             )
         if kind == "autograd":
             raise CheckFailure(

@@ -10,6 +10,8 @@ Guards, each armed just before the call and checked just after it:
 - autograd (backward exercises): every entry into autograd is refused and remembered (the
   Python entry points, a fresh engine, ``torch.nn.grad``, ``torch.func``, backward kernels
   such as ``aten.convolution_backward``, and any graph recorded during the call);
+- forbidden calls: the PyTorch operator an exercise rebuilds, in any of its forms
+  (``torch.``, ``Tensor.``, ``F.``, ``torch.ops.aten``), is refused and remembered;
 - a watch (for example chapter 09's shape recorder) that observes every torch call.
 A guard switched off during the call counts as a broken guard, not as a pass.
 """
@@ -26,11 +28,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
 #: Outcome kinds: the call returned, raised NotImplementedError, raised something else,
-#: used autograd, ran a course reference, or switched a guard off.
-KINDS = ("ok", "pending", "error", "autograd", "reference", "guard")
+#: used autograd, ran a course reference, called a forbidden operator, or switched a guard off.
+KINDS = ("ok", "pending", "error", "autograd", "reference", "forbidden", "guard")
 
 
 class Violation(Exception):
@@ -43,6 +45,7 @@ class _Flags:
     def __init__(self) -> None:
         self.autograd: str = ""
         self.reference: str = ""
+        self.forbidden: str = ""
 
     def trip_autograd(self, what: str) -> None:
         self.autograd = self.autograd or what
@@ -120,10 +123,9 @@ def _autograd_forbidden(flags: _Flags) -> Iterator[Callable[[], str]]:
     watch = _AutogradWatch(flags)
     try:
         with torch.no_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), watch:
-            depth = torch._C._len_torch_function_stack()
 
             def intact() -> str:
-                if torch._C._len_torch_function_stack() != depth:
+                if not _on_stack(watch):
                     return "the autograd guard's torch-function mode was removed"
                 if torch.is_grad_enabled():
                     return "gradient mode was switched back on and left on"
@@ -138,6 +140,54 @@ def _autograd_forbidden(flags: _Flags) -> Iterator[Callable[[], str]]:
     finally:
         for owner, name, value in reversed(saved):
             setattr(owner, name, value)
+
+
+def _on_stack(mode: Any) -> bool:
+    """Whether ``mode`` is still on the torch-function mode stack."""
+    return any(m is mode for m in _get_current_function_mode_stack())
+
+
+# ---- forbidden operators -------------------------------------------------------------------
+def op_name(func: Any) -> tuple[str, str]:
+    """(form, base name) of a torch callable: ``F.softmax`` -> ("F", "softmax"), ``aten._softmax.default`` -> ("aten", "softmax")."""
+    name = str(getattr(func, "__name__", "") or "")
+    module = str(getattr(func, "__module__", "") or "")
+    qualname = str(getattr(func, "__qualname__", "") or "")
+    if module.startswith("torch._ops") or type(func).__name__.startswith("OpOverload"):
+        form, name = "aten", name.split(".")[0]
+    elif module == "torch.nn.functional":
+        form = "F"
+    elif qualname.startswith(("TensorBase.", "Tensor.")):
+        form = "Tensor"
+    else:
+        form = "torch"
+    base = name.lstrip("_")
+    for prefix in ("special_", "linalg_"):
+        base = base.removeprefix(prefix)
+    return form, base
+
+
+def forbidden_match(func: Any, forbidden: tuple[str, ...]) -> str:
+    """How the learner's call is shown if ``func`` is forbidden by ``forbidden``, else ''."""
+    form, base = op_name(func)
+    if base in forbidden or f"{form}.{base}" in forbidden:
+        return f"{'torch.ops.aten' if form == 'aten' else form}.{base}"
+    return ""
+
+
+class _ForbiddenWatch(TorchFunctionMode):
+    """Sees every torch call of the learner's: the operator the exercise rebuilds trips it."""
+
+    def __init__(self, flags: _Flags, forbidden: tuple[str, ...]) -> None:
+        super().__init__()
+        self.flags, self.forbidden = flags, forbidden
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's hook
+        shown = forbidden_match(func, self.forbidden)
+        if shown:
+            self.flags.forbidden = self.flags.forbidden or shown
+            raise Violation(f"{shown} is the operator this exercise asks you to build")
+        return func(*args, **(kwargs or {}))
 
 
 # ---- references ----------------------------------------------------------------------------
@@ -225,6 +275,7 @@ def invoke(
     backward: bool = False,
     watch: Callable[[], Any] | None = None,
     references: list[types.FunctionType] | None = None,
+    forbidden: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Call ``fn(*args, **kwargs)`` under the guards; return an outcome dict (never raises)."""
     flags = _Flags()
@@ -236,14 +287,18 @@ def invoke(
         with contextlib.ExitStack() as stack:
             stack.enter_context(_references_trip(flags, refs))
             intact = stack.enter_context(_autograd_forbidden(flags)) if backward else None
+            guard = _ForbiddenWatch(flags, tuple(forbidden)) if forbidden else None
+            if guard is not None:
+                stack.enter_context(guard)
             if observer is not None:
                 stack.enter_context(observer)
-                depth = torch._C._len_torch_function_stack()
             try:
                 outcome["value"] = fn(*args, **kwargs)
             finally:
-                if observer is not None and torch._C._len_torch_function_stack() != depth:
+                if observer is not None and not _on_stack(observer):
                     broken = "the check's watch on torch calls was removed during the call"
+                if guard is not None and not _on_stack(guard):
+                    broken = broken or "the check's guard against forbidden calls was removed"
                 if intact is not None:
                     broken = broken or intact()
     except NotImplementedError as err:
@@ -262,6 +317,8 @@ def invoke(
         outcome["watch"] = report() if callable(report) else None
     if flags.reference:
         outcome.update(kind="reference", message=flags.reference)
+    elif flags.forbidden:
+        outcome.update(kind="forbidden", message=flags.forbidden)
     elif flags.autograd:
         outcome.update(kind="autograd", message=flags.autograd)
     elif broken:

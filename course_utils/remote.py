@@ -224,6 +224,7 @@ class RemoteTester(checking.Tester):
                     "args": args,
                     "kwargs": kwargs,
                     "backward": self.exercise.backward,
+                    "forbidden": self.exercise.forbidden,
                     "watch": watch,
                 }
             )

@@ -278,6 +278,7 @@ def _shape(text: str) -> tuple[int, ...]:
 
 @exercise(
     "silu_function",
+    forbidden=("silu",),
     chapter=CHAPTER,
     signature="class SiLUFunction(torch.autograd.Function): forward(ctx, x), backward(ctx, grad_output)",
     summary="SiLU x * sigmoid(x) as a custom autograd Function with a hand-derived backward",

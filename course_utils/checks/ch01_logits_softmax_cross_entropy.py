@@ -14,6 +14,8 @@ from ..gradcheck import numerical_gradient
 from ..stats import hoeffding_radius
 
 CHAPTER = "01_logits_softmax_cross_entropy"
+#: The operators chapter 01 rebuilds, forbidden inside its exercises in every form.
+SOFTMAX_OPS = ("softmax", "log_softmax", "logsumexp")
 Tensor = torch.Tensor
 
 UNSTABLE = (
@@ -162,6 +164,7 @@ def _check_softmax_like(t: Tester, log: bool) -> None:
 
 @exercise(
     "softmax",
+    forbidden=SOFTMAX_OPS,
     chapter=CHAPTER,
     signature="(logits, dim=-1) -> Tensor",
     summary="numerically stable softmax along dim; finite for logits of magnitude 1e4",
@@ -174,6 +177,7 @@ def check_softmax(t: Tester) -> None:
 
 @exercise(
     "log_softmax",
+    forbidden=SOFTMAX_OPS,
     chapter=CHAPTER,
     signature="(logits, dim=-1) -> Tensor",
     summary="log-softmax in the stable log-sum-exp form",
@@ -323,6 +327,7 @@ def _ce_grad_mistakes(logits: Tensor, target: Tensor) -> list:
 
 @exercise(
     "cross_entropy",
+    forbidden=(*SOFTMAX_OPS, "cross_entropy", "nll_loss"),
     chapter=CHAPTER,
     signature="(logits (N,C), target (N,) int64) -> (loss 0-d, dlogits (N,C))",
     summary="mean cross-entropy and its gradient (softmax - one_hot) / N, stable at extreme logits",
@@ -424,6 +429,7 @@ def _group_grad_mistakes(logits: Tensor, mask: Tensor) -> list:
 
 @exercise(
     "group_softmax_cross_entropy",
+    forbidden=(*SOFTMAX_OPS, "cross_entropy", "nll_loss"),
     chapter=CHAPTER,
     signature="(logits (N,C), target_mask (N,C) bool) -> (loss, dlogits)",
     summary="GroupSoftmax: -log of the summed softmax probability over each row's group, mean over rows",
@@ -693,6 +699,7 @@ def _check_straight_through(t: Tester) -> None:
 
 @exercise(
     "gumbel_softmax",
+    forbidden=("gumbel_softmax",),
     chapter=CHAPTER,
     signature="(logits, tau=1.0, hard=False, dim=-1) -> Tensor",
     summary="Gumbel-softmax samples; hard=True gives one-hot forward with the soft sample's gradient",

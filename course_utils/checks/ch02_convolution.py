@@ -26,6 +26,16 @@ from ..checking import CheckFailure, Tester, exercise
 from ..gradcheck import numerical_gradient
 
 CHAPTER = "02_convolution"
+#: PyTorch's convolutions, forbidden inside the exercises that rebuild them.
+CONV_OPS = (
+    "conv1d",
+    "conv2d",
+    "conv3d",
+    "convolution",
+    "conv_transpose1d",
+    "conv_transpose2d",
+    "conv_transpose3d",
+)
 Tensor = torch.Tensor
 Pair = int | tuple[int, int]
 
@@ -457,6 +467,7 @@ def _im2col_mistakes(pc: _PatchCase, expected: Tensor) -> list:
 
 @exercise(
     "im2col",
+    forbidden=("F.unfold", "im2col"),
     chapter=CHAPTER,
     signature="(x, kernel_size, stride=1, padding=0) -> cols (N, C*KH*KW, OH*OW)",
     summary="every window of the zero-padded input as one column, as F.unfold: rows in (C, KH, KW) order, windows row-major",
@@ -565,6 +576,7 @@ def _col2im_mistakes(
 
 @exercise(
     "col2im",
+    forbidden=("F.fold", "col2im"),
     chapter=CHAPTER,
     signature="(cols, output_size, kernel_size, stride=1, padding=0) -> x (N, C, H, W)",
     summary="the adjoint of im2col, as F.fold: add every column back into its window, summing where windows overlap, then crop the padding",
@@ -778,6 +790,7 @@ _FORWARD_SIGNATURE = "(x, weight (F,C,KH,KW), bias (F,) or None, stride=1, paddi
 
 @exercise(
     "conv2d_forward_loops",
+    forbidden=(*CONV_OPS, "F.unfold", "im2col"),
     chapter=CHAPTER,
     signature=_FORWARD_SIGNATURE,
     summary="the cross-correlation of F.conv2d written with Python loops over output positions (the slow, obvious version)",
@@ -790,6 +803,7 @@ def check_conv2d_forward_loops(t: Tester) -> None:
 
 @exercise(
     "conv2d_forward",
+    forbidden=CONV_OPS,
     chapter=CHAPTER,
     signature=_FORWARD_SIGNATURE,
     summary="cross-correlation with zero padding, as F.conv2d; stride and padding are an int or an (h, w) pair",
@@ -1026,6 +1040,7 @@ def _grad_outputs(
 
 @exercise(
     "conv2d_backward",
+    forbidden=CONV_OPS,
     chapter=CHAPTER,
     signature="(dout, x, weight, bias, stride=1, padding=0) -> (dx, dweight, dbias)",
     summary="gradients of the cross-correlation: dx a full convolution with the flipped kernel, dweight a correlation of x and dout, dbias a sum; dbias None when bias is None",

@@ -24,6 +24,9 @@ from ..gradcheck import numerical_gradient
 from .ch02_convolution import PAIR_ERRORS, Output, Pair, _pair, judge
 
 CHAPTER = "03_pooling"
+#: PyTorch's pooling operators, forbidden inside the exercises that rebuild them.
+MAX_POOL_OPS = ("max_pool2d", "max_pool2d_with_indices", "adaptive_max_pool2d", "max_pool1d")
+AVG_POOL_OPS = ("avg_pool2d", "adaptive_avg_pool2d", "avg_pool1d")
 Tensor = torch.Tensor
 
 
@@ -487,6 +490,7 @@ def _check_forward(t: Tester, kind: str) -> None:
 
 @exercise(
     "max_pool2d_forward",
+    forbidden=MAX_POOL_OPS,
     chapter=CHAPTER,
     signature=_SIG,
     summary="max over each KH x KW window, no padding, stride defaulting to kernel_size, as F.max_pool2d",
@@ -499,6 +503,7 @@ def check_max_pool2d_forward(t: Tester) -> None:
 
 @exercise(
     "avg_pool2d_forward",
+    forbidden=AVG_POOL_OPS,
     chapter=CHAPTER,
     signature=_SIG,
     summary="mean over each KH x KW window, no padding, stride defaulting to kernel_size, as F.avg_pool2d",
@@ -559,6 +564,7 @@ def _index_mistakes(pc: _PoolCase) -> list:
 
 @exercise(
     "max_pool2d_with_indices",
+    forbidden=MAX_POOL_OPS,
     chapter=CHAPTER,
     signature="(x, kernel_size, stride=None) -> (out, indices int64)",
     summary="max pooling that also returns where each maximum was: the flat index h*W + w of the first maximum in its H*W plane, as F.max_pool2d(..., return_indices=True)",
@@ -677,6 +683,7 @@ _BWD_SIG = "(dout, x, kernel_size, stride=None) -> dx"
 
 @exercise(
     "max_pool2d_backward",
+    forbidden=(*MAX_POOL_OPS, "max_unpool2d"),
     chapter=CHAPTER,
     signature=_BWD_SIG,
     summary="gradient of max pooling: each dout goes to the FIRST maximum of its window (row-major, PyTorch's rule); overlapping windows accumulate",
@@ -690,6 +697,7 @@ def check_max_pool2d_backward(t: Tester) -> None:
 
 @exercise(
     "avg_pool2d_backward",
+    forbidden=AVG_POOL_OPS,
     chapter=CHAPTER,
     signature=_BWD_SIG,
     summary="gradient of average pooling (as F.avg_pool2d without padding): dout / (KH*KW) to every element of its window; overlapping windows accumulate",

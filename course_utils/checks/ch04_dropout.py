@@ -441,6 +441,16 @@ def _check_fraction_and_mean(t: Tester) -> None:
 
 @exercise(
     "dropout",
+    forbidden=(
+        "dropout",
+        "dropout1d",
+        "dropout2d",
+        "dropout3d",
+        "native_dropout",
+        "feature_dropout",
+        "alpha_dropout",
+        "feature_alpha_dropout",
+    ),
     chapter=CHAPTER,
     signature="(x, p, training=True) -> Tensor",
     summary="inverted dropout: zero each entry with probability p, scale survivors by 1/(1-p); "

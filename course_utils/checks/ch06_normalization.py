@@ -19,6 +19,8 @@ from ..checking import Tester, exercise
 from ..gradcheck import numerical_gradient
 
 CHAPTER = "06_normalization"
+#: PyTorch's batch norms, forbidden inside the exercises that rebuild them.
+BATCH_NORM_OPS = ("batch_norm", "native_batch_norm", "instance_norm", "group_norm")
 Tensor = torch.Tensor
 
 
@@ -376,6 +378,7 @@ def _bn_forward_cases(t: Tester) -> list[tuple[str, tuple, dict]]:
 
 @exercise(
     "batchnorm_forward",
+    forbidden=BATCH_NORM_OPS,
     chapter=CHAPTER,
     signature="(x, gamma, beta, running_mean, running_var, momentum=0.1, eps=1e-5, training=True) "
     "-> (out, new_running_mean, new_running_var)",
@@ -546,6 +549,7 @@ def _expect_param_grad(t: Tester, case: str, name: str, got: object, x: Tensor) 
 
 @exercise(
     "batchnorm_backward",
+    forbidden=BATCH_NORM_OPS,
     chapter=CHAPTER,
     signature="(dout, x, gamma, eps=1e-5) -> (dx, dgamma, dbeta)",
     summary="training-mode BatchNorm backward: dx through the batch statistics, dgamma and dbeta per channel",
@@ -661,6 +665,7 @@ def _ln_mistakes(x: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> list:
 
 @exercise(
     "layernorm_forward",
+    forbidden=("layer_norm", "native_layer_norm"),
     chapter=CHAPTER,
     signature="(x, gamma, beta, eps=1e-5) -> out",
     summary="LayerNorm over the last dim, as F.layer_norm",
@@ -725,6 +730,7 @@ def _ln_param_mistakes(dout: Tensor, x: Tensor, eps: float, which: str) -> list:
 
 @exercise(
     "layernorm_backward",
+    forbidden=("layer_norm", "native_layer_norm"),
     chapter=CHAPTER,
     signature="(dout, x, gamma, eps=1e-5) -> (dx, dgamma, dbeta)",
     summary="LayerNorm backward over the last dim; dgamma, dbeta summed over all leading dims",
@@ -810,6 +816,7 @@ def _rms_mistakes(x: Tensor, w: Tensor, eps: float) -> list:
 
 @exercise(
     "rmsnorm_forward",
+    forbidden=("rms_norm",),
     chapter=CHAPTER,
     signature="(x, weight, eps=1e-6) -> out",
     summary="RMSNorm: x / sqrt(mean(x**2, last dim) + eps) * weight",

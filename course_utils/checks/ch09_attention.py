@@ -14,6 +14,15 @@ from ..checking import Tester, exercise
 from ..gradcheck import numerical_gradient
 
 CHAPTER = "09_attention"
+#: PyTorch's attention operators, forbidden inside the exercises that rebuild them.
+SDPA_OPS = (
+    "scaled_dot_product_attention",
+    "scaled_dot_product_attention_math",
+    "scaled_dot_product_flash_attention",
+    "scaled_dot_product_flash_attention_for_cpu",
+    "scaled_dot_product_efficient_attention",
+    "multi_head_attention_forward",
+)
 Tensor = torch.Tensor
 
 UNSTABLE = (
@@ -437,6 +446,7 @@ def _judge_output(
 
 @exercise(
     "scaled_dot_product_attention",
+    forbidden=SDPA_OPS,
     chapter=CHAPTER,
     signature="(q (...,L,d), k (...,S,d), v (...,S,dv), attn_mask=None, is_causal=False) -> (...,L,dv)",
     summary="softmax(q k^T / sqrt(d) + mask) v, as F.scaled_dot_product_attention",
@@ -584,6 +594,7 @@ def _backward_cases(t: Tester) -> list[tuple[str, tuple, dict]]:
 
 @exercise(
     "attention_backward",
+    forbidden=SDPA_OPS,
     chapter=CHAPTER,
     signature="(dout, q, k, v, attn_mask=None, is_causal=False) -> (dq, dk, dv)",
     summary="gradients of softmax(q k^T / sqrt(d) + mask) v by hand (bool masks, no fully masked row)",
@@ -812,6 +823,7 @@ def _mha_cases(t: Tester) -> list[tuple[str, tuple]]:
 
 @exercise(
     "multi_head_attention_forward",
+    forbidden=("multi_head_attention_forward",),
     chapter=CHAPTER,
     signature=(
         "(query (N,L,E), key (N,S,E), value (N,S,E), num_heads, in_proj_weight (3E,E), in_proj_bias (3E,), "
@@ -1077,6 +1089,7 @@ def _check_flash_memory(t: Tester, causal: bool) -> None:
 
 @exercise(
     "flash_attention_forward",
+    forbidden=SDPA_OPS,
     chapter=CHAPTER,
     signature="(q, k, v, block_size=64, is_causal=False) -> out",
     summary="tiled attention with an online softmax, never holding a full L x S score matrix",
