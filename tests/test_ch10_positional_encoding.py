@@ -156,38 +156,97 @@ def rope_native_dtype(
 
 # ---- ALiBi -------------------------------------------------------------------------------
 def alibi_loops(num_heads: int, seq_len: int) -> torch.Tensor:
-    """Python loops; 0 above the diagonal."""
+    """Python loops and the slope rule spelled out; 0 above the diagonal."""
+    k = 1
+    while 2 * k <= num_heads:
+        k *= 2
+    slopes = [2 ** (-8 * (h + 1) / k) for h in range(k)]
+    for j in range(num_heads - k):
+        slopes.append(2 ** (-8 * (2 * j + 1) / (2 * k)))
     out = []
-    for h in range(num_heads):
-        m = 2 ** (-8 * (h + 1) / num_heads)
+    for m in slopes:
         out.append(
             [[-m * (i - j) if j <= i else 0.0 for j in range(seq_len)] for i in range(seq_len)]
         )
     return torch.tensor(out, dtype=torch.float64)
 
 
-def alibi_neg_inf(num_heads: int, seq_len: int) -> torch.Tensor:
-    """Broadcasting, float32, -inf above the diagonal (a causal mask folded in)."""
-    m = 2.0 ** (-8.0 * torch.arange(1, num_heads + 1) / num_heads)  # (H,)
+def _get_slopes(n: int) -> list[float]:
+    """``get_slopes`` as written in the ALiBi paper's repository (ofirpress/attention_with_linear_biases)."""
+
+    def get_slopes_power_of_2(n):
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        ratio = start
+        return [start * ratio**i for i in range(n)]
+
+    if math.log2(n).is_integer():
+        return get_slopes_power_of_2(n)
+    closest_power_of_2 = 2 ** math.floor(math.log2(n))
+    return (
+        get_slopes_power_of_2(closest_power_of_2)
+        + _get_slopes(2 * closest_power_of_2)[0::2][: n - closest_power_of_2]
+    )
+
+
+def alibi_paper_port(num_heads: int, seq_len: int) -> torch.Tensor:
+    """The paper repository's slopes; -inf above the diagonal, float32 (its causal mask folded in)."""
+    m = torch.tensor(_get_slopes(num_heads))  # (H,) float32
     i = torch.arange(seq_len)
     dist = (i[:, None] - i[None, :]).float()  # (L, L)
     return (-m[:, None, None] * dist).masked_fill(dist < 0, float("-inf"))
 
 
+def alibi_bloom(num_heads: int, seq_len: int) -> torch.Tensor:
+    """The slopes as Hugging Face's BLOOM ``build_alibi_tensor`` builds them; float64."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = torch.tensor(2 ** (-(2 ** -(math.log2(closest) - 3))), dtype=torch.float64)
+    slopes = torch.pow(base, torch.arange(1, 1 + closest, dtype=torch.float64))
+    if closest != num_heads:
+        extra_base = torch.tensor(2 ** (-(2 ** -(math.log2(2 * closest) - 3))), dtype=torch.float64)
+        remaining = min(closest, num_heads - closest)
+        extra = torch.pow(extra_base, torch.arange(1, 1 + 2 * remaining, 2, dtype=torch.float64))
+        slopes = torch.cat([slopes, extra])
+    i = torch.arange(seq_len, dtype=torch.float64)
+    return -slopes[:, None, None] * (i[:, None] - i[None, :]).clamp(min=0)
+
+
 def alibi_symmetric(num_heads: int, seq_len: int) -> torch.Tensor:
     """-m |i - j| everywhere (a bidirectional variant; above the diagonal is not judged)."""
-    start = 2.0 ** (-8.0 / num_heads)
-    m = torch.tensor([start ** (h + 1) for h in range(num_heads)], dtype=torch.float64)
+    k = 2 ** (num_heads.bit_length() - 1)
+    m = [(2.0 ** (-8.0 / k)) ** (h + 1) for h in range(k)]
+    m += [(2.0 ** (-8.0 / (2 * k))) ** (h + 1) for h in range(0, 2 * (num_heads - k), 2)]
+    m = torch.tensor(m, dtype=torch.float64)
     i = torch.arange(seq_len, dtype=torch.float64)
     return -m[:, None, None] * (i[:, None] - i[None, :]).abs()
 
 
 def alibi_numpy_float32(num_heads: int, seq_len: int) -> torch.Tensor:
-    """numpy float32, tril-masked."""
-    m = np.power(np.float32(2), -8 * np.arange(1, num_heads + 1, dtype=np.float32) / num_heads)
+    """numpy float32, tril-masked; the slopes from exponents listed with numpy."""
+    k = 2 ** int(np.floor(np.log2(num_heads)))
+    exponents = np.concatenate(
+        [8 * np.arange(1, k + 1) / k, (8 * np.arange(1, 2 * k + 1, 2) / (2 * k))[: num_heads - k]]
+    )
+    m = np.power(np.float32(2), -exponents.astype(np.float32))
     i = np.arange(seq_len, dtype=np.float32)
     b = -m[:, None, None] * np.tril(i[:, None] - i[None, :])
     return torch.from_numpy(b.astype(np.float32))
+
+
+def test_alibi_styles_agree_with_the_paper_slopes():
+    """The correct styles give the paper's slopes, e.g. 6 heads: 2^-2, 2^-4, 2^-6, 2^-8, 2^-1, 2^-3."""
+    expected = {6: [2, 4, 6, 8, 1, 3], 12: [1, 2, 3, 4, 5, 6, 7, 8, 0.5, 1.5, 2.5, 3.5]}
+    for n, exps in expected.items():
+        torch.testing.assert_close(ch10.alibi_slopes(n), 2.0 ** -torch.tensor(exps).double())
+        torch.testing.assert_close(torch.tensor(_get_slopes(n)).double(), ch10.alibi_slopes(n))
+        for fn in (
+            alibi_loops,
+            alibi_paper_port,
+            alibi_bloom,
+            alibi_symmetric,
+            alibi_numpy_float32,
+        ):
+            slopes = -fn(n, 2)[:, 1, 0].double()  # bias[h, 1, 0] = -m_h
+            torch.testing.assert_close(slopes, ch10.alibi_slopes(n), rtol=1e-6, atol=0)
 
 
 CORRECT = {
@@ -206,7 +265,14 @@ CORRECT = {
         rope_native_dtype,
         ch10.ref_apply_rope,
     ],
-    "alibi_bias": [alibi_loops, alibi_neg_inf, alibi_symmetric, alibi_numpy_float32],
+    "alibi_bias": [
+        alibi_loops,
+        alibi_paper_port,
+        alibi_bloom,
+        alibi_symmetric,
+        alibi_numpy_float32,
+        ch10.ref_alibi_bias,
+    ],
 }
 CORRECT_CASES = [(ex, fn) for ex, fns in CORRECT.items() for fn in fns]
 
@@ -489,12 +555,49 @@ def alibi_no_minus_exponent(n, L):
     return _alibi(n, L, 2.0 ** (8 * (_h(n) + 1) / n))
 
 
-def alibi_paper(n, L):
-    return _alibi(n, L, ch10._paper_slopes(n))
+def _k(n):
+    return 2 ** (n.bit_length() - 1)  # the largest power of two <= n
+
+
+def _plain(k):
+    return 2.0 ** (-8 * (_h(k) + 1) / k)
+
+
+def alibi_plain_formula(n, L):
+    return _alibi(n, L, 2.0 ** (-8 * (_h(n) + 1) / n))
+
+
+def alibi_odd_indices(n, L):
+    k = _k(n)
+    return _alibi(n, L, torch.cat([_plain(k), _plain(2 * k)[1::2][: n - k]]))
+
+
+def alibi_all_of_2k(n, L):
+    k = _k(n)
+    return _alibi(n, L, torch.cat([_plain(k), _plain(2 * k)[: n - k]]))
+
+
+def alibi_next_power_truncated(n, L):
+    return _alibi(n, L, _plain(2 * _k(n))[:n] if _k(n) != n else _plain(n))
+
+
+def alibi_extra_first(n, L):
+    k = _k(n)
+    return _alibi(n, L, torch.cat([_plain(2 * k)[0::2][: n - k], _plain(k)]))
+
+
+def alibi_sorted(n, L):
+    return _alibi(n, L, ch10.alibi_slopes(n).sort(descending=True).values)
 
 
 def alibi_integer_division(n, L):
-    return _alibi(n, L, 2.0 ** -torch.div(8 * (_h(n) + 1), n, rounding_mode="floor"))
+    """The paper's rule, with 8 * (h + 1) // k in the power-of-two formula."""
+    k = _k(n)
+
+    def plain(kk):
+        return 2.0 ** -torch.div(8 * (_h(kk) + 1), kk, rounding_mode="floor")
+
+    return _alibi(n, L, torch.cat([plain(k), plain(2 * k)[0::2][: n - k]]))
 
 
 def alibi_fairseq_rows(n, L):
@@ -524,7 +627,12 @@ ALIBI_MISTAKES = [
     (alibi_half_powers, r"right only for 8 heads"),
     (alibi_exp, "the slopes use e instead of 2"),
     (alibi_no_minus_exponent, "the exponent's minus sign is missing"),
-    (alibi_paper, "the ALiBi paper's rule for a head count that is not a power of two"),
+    (alibi_plain_formula, r"the slopes are 2\^\(-8\(h\+1\)/n\) for all 6 heads.*6 is not one"),
+    (alibi_odd_indices, r"taken at odd indices of the 8-head slopes \(\[1::2\]"),
+    (alibi_all_of_2k, r"the extra slopes are the first 2 slopes of 8 heads, one after the other"),
+    (alibi_next_power_truncated, r"the slopes are the first 6 of the slopes of 8 heads"),
+    (alibi_extra_first, r"the 2 extra slopes \(from 8 heads\) come first"),
+    (alibi_sorted, "the slopes are sorted from steepest to flattest"),
     (alibi_integer_division, r"8 \* \(h \+ 1\) // n"),
     (alibi_fairseq_rows, r"bias\[h, i, j\] = m_h \* j: the row-shifted form"),
     (alibi_int, "should be float32 or float64, but it has dtype int64"),

@@ -2,7 +2,8 @@
 
 All three exercises are deterministic functions of their arguments, so every case is
 judged by value against a float64 reference, and a failure names the mistake it looks
-like (sin and cos swapped, i/d for 2i/d, rotate-half pairs, slopes off by one head, ...).
+like (sin and cos swapped, i/d for 2i/d, rotate-half pairs, slopes off by one head, the
+power-of-two slope formula for a head count that is not one, ...).
 
 Precision. ``sinusoidal_positional_encoding`` and ``alibi_bias`` build a tensor from
 sizes alone, so they may return float32 or float64 and are judged at the precision of
@@ -13,8 +14,6 @@ which still demands that float64 angles are computed in float64.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -66,10 +65,29 @@ def ref_apply_rope(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tenso
     return out.flatten(-2).to(x.dtype)
 
 
-def alibi_slopes(num_heads: int) -> Tensor:
-    """m_h = 2^(-8(h+1)/num_heads), h = 0 .. num_heads-1, float64."""
-    h = torch.arange(num_heads, dtype=torch.float64)
-    return torch.pow(2.0, -8.0 * (h + 1) / num_heads)
+def _power_of_two_slopes(k: int, exponent=None) -> Tensor:
+    """The slopes of k heads, k a power of two: 2^(-8(h+1)/k), h = 0 .. k-1, float64.
+
+    ``exponent`` (a function of h and k) replaces -8(h+1)/k; the mistake models use it.
+    """
+    h = torch.arange(k, dtype=torch.float64)
+    if exponent is None:
+        return torch.pow(2.0, -8.0 * (h + 1) / k)
+    return exponent(h, k)
+
+
+def alibi_slopes(num_heads: int, power_of_two=_power_of_two_slopes) -> Tensor:
+    """The ALiBi paper's slopes (num_heads,) float64.
+
+    For n = num_heads a power of two, m_h = 2^(-8(h+1)/n). Otherwise, with k the largest power
+    of two below n: the k slopes of k heads, then the first n - k of the slopes of 2k heads
+    taken at even indices, 2^(-8(2j+1)/(2k)) for j = 0, 1, ... (``get_slopes`` in the paper's
+    repository, ``build_alibi_tensor`` in Hugging Face's BLOOM).
+    """
+    k = 1 << (num_heads.bit_length() - 1)  # the largest power of two <= num_heads
+    if k == num_heads:
+        return power_of_two(num_heads)
+    return torch.cat([power_of_two(k), power_of_two(2 * k)[0::2][: num_heads - k]])
 
 
 def ref_alibi_bias(num_heads: int, seq_len: int) -> Tensor:
@@ -244,12 +262,19 @@ def _rope_mistakes(x: Tensor, positions: Tensor, base: float) -> list:
 
 def _alibi_mistakes(num_heads: int, seq_len: int, ref: Tensor, upper: Tensor) -> list:
     """Mistaken biases, with the unjudged entries (``upper``: j > i) set to 0 as in ``ref``."""
-    h = torch.arange(num_heads, dtype=torch.float64)
+    n = num_heads
+    h = torch.arange(n, dtype=torch.float64)
     i = torch.arange(seq_len, dtype=torch.float64)
     dist = (i[:, None] - i[None, :])[None]  # (1, L, L)
+    k = 1 << (n.bit_length() - 1)  # the largest power of two <= n
+    plain = _power_of_two_slopes
 
     def with_slopes(m: Tensor) -> Tensor:
         return (-m[:, None, None] * dist).masked_fill(upper, 0.0)
+
+    def rule(exponent) -> Tensor:
+        """The paper's rule with a mistaken formula for a power-of-two head count."""
+        return alibi_slopes(n, lambda kk: _power_of_two_slopes(kk, exponent))
 
     return [
         (
@@ -259,37 +284,70 @@ def _alibi_mistakes(num_heads: int, seq_len: int, ref: Tensor, upper: Tensor) ->
         ),
         (
             "the slopes are off by one head: m_h = 2^(-8h/n) gives head 0 slope 1; the contract counts "
-            "from h = 0 with m_h = 2^(-8(h+1)/n).",
-            lambda: with_slopes(torch.pow(2.0, -8.0 * h / num_heads)),
+            "from h = 0 with m_h = 2^(-8(h+1)/n) (for n a power of two).",
+            lambda: with_slopes(rule(lambda hh, kk: torch.pow(2.0, -8.0 * hh / kk))),
         ),
         (
-            "the heads are in reverse order: head 0 has the steepest slope 2^(-8/n), the last head 2^(-8).",
+            "the heads are in reverse order: head 0 has the steepest slope, the last head the smallest.",
             lambda: ref.flip(0),
         ),
         (
-            "the slopes are 2^-(h+1) whatever the number of heads (right only for 8 heads); "
-            "they are m_h = 2^(-8(h+1)/n).",
-            lambda: with_slopes(torch.pow(2.0, -(h + 1))),
-        ),
-        (
             "the slopes use e instead of 2: m_h = exp(-8(h+1)/n) instead of 2^(-8(h+1)/n).",
-            lambda: with_slopes(torch.exp(-8.0 * (h + 1) / num_heads)),
+            lambda: with_slopes(rule(lambda hh, kk: torch.exp(-8.0 * (hh + 1) / kk))),
         ),
         (
             "the exponent's minus sign is missing: slopes 2^(+8(h+1)/n) are larger than 1.",
-            lambda: with_slopes(torch.pow(2.0, 8.0 * (h + 1) / num_heads)),
+            lambda: with_slopes(rule(lambda hh, kk: torch.pow(2.0, 8.0 * (hh + 1) / kk))),
         ),
         (
-            "the slopes follow the ALiBi paper's rule for a head count that is not a power of two "
-            "(slopes of the nearest power of two, then every other slope of twice that many); the "
-            "contract uses m_h = 2^(-8(h+1)/n) for every n.",
-            lambda: with_slopes(_paper_slopes(num_heads)),
+            f"the slopes are 2^(-8(h+1)/n) for all {n} heads, the formula for a power-of-two head "
+            f"count; {n} is not one. The ALiBi paper's rule, with k = {k} the largest power of two "
+            f"below n: the {k} slopes of {k} heads, then the first {n - k} of the slopes of {2 * k} "
+            f"heads taken at even indices, 2^(-8(2j+1)/{2 * k}) for j = 0, 1, ...",
+            lambda: with_slopes(torch.pow(2.0, -8.0 * (h + 1) / n)),
+        ),
+        (
+            f"the extra slopes were taken at odd indices of the {2 * k}-head slopes ([1::2], "
+            f"2^(-8(2j+2)/{2 * k}) = 2^(-8(j+1)/{k})), which repeats the first {k} heads' slopes; "
+            f"the paper takes the even indices [0::2], 2^(-8(2j+1)/{2 * k}).",
+            lambda: with_slopes(torch.cat([plain(k), plain(2 * k)[1::2][: n - k]])),
+        ),
+        (
+            f"the extra slopes are the first {n - k} slopes of {2 * k} heads, one after the other; "
+            f"the paper takes every other one, at even indices [0::2]: "
+            f"2^(-8(2j+1)/{2 * k}).",
+            lambda: with_slopes(torch.cat([plain(k), plain(2 * k)[: n - k]])),
+        ),
+        (
+            f"the slopes are the first {n} of the slopes of {2 * k} heads (the next power of two); "
+            f"the paper keeps the {k} slopes of {k} heads and adds only the first "
+            f"{n - k} even-index slopes of {2 * k} heads after them.",
+            lambda: with_slopes(plain(2 * k)[:n]),
+        ),
+        (
+            "the slopes are 2^-(h+1) whatever the number of heads (right only for 8 heads); "
+            "they are m_h = 2^(-8(h+1)/n) for n a power of two.",
+            lambda: with_slopes(torch.pow(2.0, -(h + 1))),
+        ),
+        (
+            f"the {n - k} extra slopes (from {2 * k} heads) come first; the paper puts the {k} "
+            f"slopes of {k} heads first and appends the extra ones.",
+            lambda: with_slopes(torch.cat([plain(2 * k)[0::2][: n - k], plain(k)])),
+        ),
+        (
+            "the slopes are sorted from steepest to flattest; the paper keeps its order: the "
+            f"{k} slopes of {k} heads first, then the extra ones from {2 * k} heads.",
+            lambda: with_slopes(alibi_slopes(n).sort(descending=True).values),
         ),
         (
             "the exponent 8(h+1)/n was computed with integer division (8 * (h + 1) // n), which rounds "
             "it down when n does not divide 8(h+1).",
             lambda: with_slopes(
-                torch.pow(2.0, -torch.div(8 * (h + 1), num_heads, rounding_mode="floor"))
+                rule(
+                    lambda hh, kk: torch.pow(
+                        2.0, -torch.div(8 * (hh + 1), kk, rounding_mode="floor")
+                    )
+                )
             ),
         ),
         (
@@ -303,18 +361,6 @@ def _alibi_mistakes(num_heads: int, seq_len: int, ref: Tensor, upper: Tensor) ->
             ),
         ),
     ]
-
-
-def _paper_slopes(n: int) -> Tensor:
-    def power_of_two(k: int) -> list[float]:
-        start = 2.0 ** (-(2.0 ** -(math.log2(k) - 3)))
-        return [start ** (j + 1) for j in range(k)]
-
-    if math.log2(n).is_integer():
-        return torch.tensor(power_of_two(n), dtype=torch.float64)
-    closest = 2 ** math.floor(math.log2(n))
-    extra = power_of_two(2 * closest)[0::2][: n - closest]
-    return torch.tensor(power_of_two(closest) + extra, dtype=torch.float64)
 
 
 _ROPE_F32 = (
@@ -545,12 +591,16 @@ def check_apply_rope(t: Tester) -> None:
     "alibi_bias",
     chapter=CHAPTER,
     signature="(num_heads, seq_len) -> (num_heads, L, L)",
-    summary="bias[h,i,j] = -m_h*(i-j) for j<=i, m_h = 2^(-8(h+1)/num_heads); entries j>i are not judged",
+    summary=(
+        "bias[h,i,j] = -m_h*(i-j) for j<=i with the ALiBi paper's slopes (2^(-8(h+1)/n) for n a "
+        "power of two, else k of k heads then the even-index slopes of 2k); entries j>i not judged"
+    ),
     reference=ref_alibi_bias,
 )
 def check_alibi_bias(t: Tester) -> None:
-    """Head counts powers of two and not, seq_len 1; only the causal triangle j <= i is judged."""
-    sizes = [(8, 6), (1, 4), (2, 5), (4, 1), (3, 7), (6, 5), (12, 9), (16, 12), (5, 33)]
+    """Head counts powers of two and not (the paper's rule), seq_len 1; only j <= i is judged."""
+    # 6 heads before 3: at n = 3 two mistakes (extra slopes first, slopes sorted) coincide.
+    sizes = [(8, 6), (1, 4), (2, 5), (4, 1), (6, 5), (3, 7), (12, 9), (16, 12), (5, 33), (24, 4)]
     for num_heads, seq_len in sizes:
         case = f"num_heads={num_heads}, seq_len={seq_len}"
         got = _built_tensor(
