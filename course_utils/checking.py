@@ -33,6 +33,12 @@ TOLERANCES = {
 }
 
 
+#: The fewest nonzero expected entries for which "off by a constant factor" is a finding: any two
+#: single numbers differ by one, and a scalar loss that is off for another reason would otherwise
+#: be blamed on a missing 1/N.
+_MIN_FACTOR_ENTRIES = 3
+
+
 class CheckFailure(AssertionError):
     """A learner's function gave a wrong answer; the message says where and how."""
 
@@ -692,7 +698,9 @@ class Tester:
         if compare(g, -e, rtol, atol).ok:
             return "It looks like the sign is flipped."
         denom = (e * e).sum()
-        if float(denom) > 0:
+        # Any two numbers differ by a constant factor: the hint needs several nonzero entries.
+        nonzero = int((e.abs() > atol).sum())
+        if nonzero >= _MIN_FACTOR_ENTRIES and float(denom) > 0:
             k = float((g * e).sum() / denom)
             if abs(k) > 1e-12 and abs(k - 1) > 1e-3 and compare(g, k * e, rtol * 10, atol * 10).ok:
                 return f"It is off by a constant factor of {k:.4g} everywhere (a missing or extra scale, such as 1/N)."

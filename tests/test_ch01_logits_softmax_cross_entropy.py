@@ -470,7 +470,46 @@ def ce_softmax_over_batch(logits, target):
     return _ce_loss(logits, target), (torch.softmax(logits, 0) - y) / logits.shape[0]
 
 
+def _ce_with_floor(logits, target, floor):
+    """A stable softmax, then -log of the target probability pushed through ``floor``."""
+    p, y = _p_y(logits, target)
+    n = logits.shape[0]
+    return -floor(p[torch.arange(n), target]).mean(), (p - y) / n
+
+
+def ce_clamped_log(logits, target):
+    """Correct everywhere except where p underflows: log(max(p, 1e-10)), as real learners wrote it."""
+    return _ce_with_floor(logits, target, lambda p: p.clamp(min=1e-10).log())
+
+
+def ce_log_p_plus_eps(logits, target):
+    return _ce_with_floor(logits, target, lambda p: (p + 1e-8).log())
+
+
+def ce_log_clamped_at_minus_100(logits, target):
+    """PyTorch's BCELoss convention: log(p) clamped at -100."""
+    return _ce_with_floor(logits, target, lambda p: p.log().clamp(min=-100.0))
+
+
+CLAMPED_LOG = (
+    r"`loss` is wrong.*clamping/epsilon in the log changes the loss where a probability "
+    r"underflows.*use log_softmax / the log-sum-exp form"
+)
+
 CE_MISTAKES = [
+    (
+        "cross_entropy",
+        ce_clamped_log,
+        r"extreme logits of magnitude 1e4, "
+        + CLAMPED_LOG
+        + r".*log\(max\(p, eps\)\) with eps = 1e-10\)",
+    ),
+    ("cross_entropy", ce_log_p_plus_eps, CLAMPED_LOG + r".*log\(p \+ eps\) with eps = 1e-08\)"),
+    (
+        "cross_entropy",
+        ce_log_clamped_at_minus_100,
+        r"extreme logits of magnitude 1e4, " + CLAMPED_LOG + r".* eps = 3\.72e-44\)",
+    ),
     ("cross_entropy", ce_grad_not_divided, r"dlogits is not divided by N.*\(p - y\) / N"),
     ("cross_entropy", ce_grad_no_one_hot, "the one-hot target must be subtracted"),
     ("cross_entropy", ce_grad_sign_flipped, "dlogits has the wrong sign"),
@@ -521,7 +560,22 @@ def group_prob_then_log(logits, mask):
     return -in_group.log().mean(), (p - p * mask / in_group) / n
 
 
+def group_clamped_log(logits, mask):
+    n = logits.shape[0]
+    p = torch.softmax(logits, 1)
+    in_group = (p * mask).sum(1, keepdim=True)
+    q = torch.softmax(logits.masked_fill(~mask, float("-inf")), 1)
+    return -in_group.clamp(min=1e-10).log().mean(), (p - q) / n
+
+
 GROUP_MISTAKES = [
+    (
+        "group_softmax_cross_entropy",
+        group_clamped_log,
+        r"extreme logits of magnitude 1e4, "
+        + CLAMPED_LOG
+        + r".*log\(max\(p, eps\)\) with eps = 1e-10\)",
+    ),
     (
         "group_softmax_cross_entropy",
         group_multilabel,
@@ -762,6 +816,23 @@ def test_log_softmax_underflow_message_does_not_blame_overflow():
         cu.check("log_softmax", log_softmax_of_softmax, strict=True)
     assert "exp overflows" not in str(info.value)
     assert "logsumexp" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("exercise_id", "fn"),
+    [
+        ("cross_entropy", ce_clamped_log),
+        ("cross_entropy", ce_log_p_plus_eps),
+        ("group_softmax_cross_entropy", group_clamped_log),
+    ],
+)
+def test_a_clamped_log_is_never_blamed_on_a_constant_factor(exercise_id, fn):
+    # Real learners' clamp at 1e-10 was told "off by a constant factor ... such as 1/N".
+    for seed in MISTAKE_SEEDS:
+        with pytest.raises(cu.CheckFailure) as info:
+            cu.check(exercise_id, fn, seed=seed, strict=True)
+        assert "constant factor" not in str(info.value)
+        assert "clamping/epsilon in the log" in str(info.value)
 
 
 def test_gumbel_frequency_failure_states_the_bound():

@@ -627,7 +627,22 @@ def im2col_flipped_patch(x, kernel_size, stride=1, padding=0):
     return win.permute(0, 1, 4, 5, 2, 3).reshape(n, c * kh * kw, oh * ow)
 
 
+def _pad_by_negative_slice(x, ph, pw):
+    """Zero padding written into x_padded[:, :, p:-p, p:-p], as learners write it: that slice is
+    empty when p = 0, so the assignment fails there."""
+    n, c, h, w = x.shape
+    xp = x.new_zeros(n, c, h + 2 * ph, w + 2 * pw)
+    xp[:, :, ph:-ph, pw:-pw] = x
+    return xp
+
+
+def im2col_negative_slice(x, kernel_size, stride=1, padding=0):
+    ph, pw = pair(padding)
+    return im2col_loops(_pad_by_negative_slice(x, ph, pw), kernel_size, stride, 0)
+
+
 IM2COL_MISTAKES = [
+    ("im2col", im2col_negative_slice, r"It looks like a slice \[pad:-pad\] is empty when pad = 0"),
     ("im2col", im2col_kernel_major, r"laid out as \(KH, KW, C\)"),
     ("im2col", im2col_column_major_windows, "enumerated column by column"),
     ("im2col", im2col_transposed, "the columns came back transposed"),
@@ -683,7 +698,20 @@ def col2im_kernel_major(cols, output_size, kernel_size, stride=1, padding=0):
     return col2im_loops(reordered, output_size, kernel_size, stride, padding)
 
 
+def col2im_negative_slice(cols, output_size, kernel_size, stride=1, padding=0):
+    """Add into the padded canvas, then crop with [p:-p]: empty when p = 0."""
+    (h, w), (ph, pw) = pair(output_size), pair(padding)
+    xp = col2im_loops(cols, (h + 2 * ph, w + 2 * pw), kernel_size, stride, 0)
+    return xp[:, :, ph:-ph, pw:-pw]
+
+
 COL2IM_MISTAKES = [
+    (
+        "col2im",
+        col2im_negative_slice,
+        r"`x` should have shape \(2, 3, 5, 5\), but it has shape \(2, 3, 0, 0\)\. It looks like a "
+        r"slice \[pad:-pad\] is empty when pad = 0; use \[pad:pad \+ H\]",
+    ),
     ("col2im", col2im_overwrite, "contributions must be ADDED"),
     ("col2im", col2im_average, "the overlapping contributions were averaged"),
     ("col2im", col2im_not_cropped, "the padding was not cropped off"),
@@ -801,7 +829,17 @@ def conv_channels_not_summed(x, weight, bias, stride=1, padding=0):
     return torch.einsum("ncijab,fcab->nfcij", win, weight)
 
 
+def conv_negative_slice(x, weight, bias, stride=1, padding=0):
+    ph, pw = pair(padding)
+    return conv_loops(_pad_by_negative_slice(x, ph, pw), weight, bias, stride, 0)
+
+
 CONV_FORWARD_MISTAKES = [
+    (
+        "conv2d_forward",
+        conv_negative_slice,
+        r"raised RuntimeError.*It looks like a slice \[pad:-pad\] is empty when pad = 0",
+    ),
     ("conv2d_forward", conv_flipped_kernel, r"the kernel was flipped \(a true convolution\)"),
     ("conv2d_forward", conv_no_bias, "the bias was not added"),
     ("conv2d_forward", conv_bias_last_axis, "the bias was added along the last axis"),
@@ -999,7 +1037,20 @@ def bwd_returns_two(dout, x, weight, bias, stride=1, padding=0):
     return dx, dw
 
 
+def bwd_negative_slice(dout, x, weight, bias, stride=1, padding=0):
+    """The gradient of the padded input, cropped with [p:-p]: empty when p = 0."""
+    ph, pw = pair(padding)
+    dxp, dweight, dbias = bwd_loops(dout, F.pad(x, (pw, pw, ph, ph)), weight, bias, stride, 0)
+    return dxp[:, :, ph:-ph, pw:-pw], dweight, dbias
+
+
 CONV_BACKWARD_MISTAKES = [
+    (
+        "conv2d_backward",
+        bwd_negative_slice,
+        r"`dx` should have shape \(2, 2, 4, 4\), but it has shape \(2, 2, 0, 0\)\. It looks like a "
+        r"slice \[pad:-pad\] is empty when pad = 0; use \[pad:pad \+ H\]",
+    ),
     ("conv2d_backward", bwd_unflipped_dx, "dx used the kernel unflipped"),
     ("conv2d_backward", bwd_overwrite, "contributions must be ACCUMULATED"),
     ("conv2d_backward", bwd_not_cropped, "dx still has the padded input's size"),

@@ -521,7 +521,26 @@ def _instance_dims(x):
     return (2, 3) if x.dim() == 4 else (0,)
 
 
+def bn_forward_per_pixel(
+    x, gamma, beta, running_mean, running_var, momentum=0.1, eps=1e-5, training=True
+):
+    """Written for (N, C) and kept for (N, C, H, W): x.mean(0) is then one mean per pixel."""
+    if training:
+        mean, var, m = x.mean(0), x.var(0, unbiased=False), x.shape[0]
+        new_rm = (1 - momentum) * running_mean + momentum * mean
+        new_rv = (1 - momentum) * running_var + momentum * var * m / (m - 1)
+    else:
+        mean, var = _pc(running_mean, x)[0], _pc(running_var, x)[0]
+        new_rm, new_rv = running_mean.clone(), running_var.clone()
+    return (x - mean) / torch.sqrt(var + eps) * _pc(gamma, x) + _pc(beta, x), new_rm, new_rv
+
+
 BN_FORWARD_MISTAKES = [
+    (
+        bn_forward_per_pixel,
+        r"x \(2, 3, 3, 4\) .*raised RuntimeError.*It looks like the statistics were taken over N only "
+        r"\(x\.mean\(0\)\).*do not broadcast against running_mean",
+    ),
     (_bn_forward_variant(unbiased_norm=True), "normalised with the unbiased variance"),
     (_bn_forward_variant(keras=True), "the momentum follows the Keras convention"),
     (_bn_forward_variant(eval_batch_stats=True), "eval mode normalised with the batch statistics"),
@@ -622,7 +641,32 @@ def bn_backward_autograd(dout, x, gamma, eps=1e-5):
     return xs.grad, gs.grad, dout.sum(_dims(x))
 
 
+def bn_backward_per_pixel(dout, x, gamma, eps=1e-5):
+    """Statistics over N only (right for (N, C), one per pixel on (N, C, H, W)); dgamma, dbeta per channel."""
+    m = x.shape[0]
+    rstd = 1 / torch.sqrt(x.var(0, unbiased=False) + eps)
+    xhat = (x - x.mean(0)) * rstd
+    dims = _dims(x)
+    dxhat = dout * _pc(gamma, x)
+    dx = rstd / m * (m * dxhat - dxhat.sum(0) - xhat * (dxhat * xhat).sum(0))
+    return dx, (dout * xhat).sum(dims), dout.sum(dims)
+
+
+def bn_backward_dgamma_per_pixel_xhat(dout, x, gamma, eps=1e-5):
+    dx, _, dbeta = bn_backward_compact(dout, x, gamma, eps)
+    xhat = (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + eps)
+    return dx, (dout * xhat).sum(_dims(x)), dbeta
+
+
 BN_BACKWARD_MISTAKES = [
+    (
+        bn_backward_per_pixel,
+        r"x \(2, 3, 3, 4\) .*`dx` is wrong.*the batch statistics were taken over N only \(x\.mean\(0\)",
+    ),
+    (
+        bn_backward_dgamma_per_pixel_xhat,
+        r"`dgamma` is wrong.*xhat was normalised with statistics over N only",
+    ),
     (bn_backward_ignores_statistics, r"dx = dout \* gamma / sqrt\(var \+ eps\) only"),
     (_bn_backward_variant(mean_term=False), "dx misses the term from the batch mean"),
     (_bn_backward_variant(var_term=False), "dx misses the term from the batch variance"),
@@ -781,6 +825,13 @@ def test_planted_mistake_is_named(exercise_id, fn, message):
     for seed in MISTAKE_SEEDS:
         with pytest.raises(cu.CheckFailure, match=message):
             cu.check(exercise_id, fn, seed=seed, strict=True)
+
+
+def test_per_pixel_statistics_are_not_blamed_on_keepdim():
+    # The broadcasting error they cause used to come with "a reduction without keepdim=True".
+    with pytest.raises(cu.CheckFailure) as info:
+        cu.check("batchnorm_forward", bn_forward_per_pixel, strict=True)
+    assert "keepdim" not in str(info.value)
 
 
 # =====================================================================================

@@ -617,6 +617,133 @@ def test_flash_mistake_is_named(kw, pattern):
             cu.check("flash_attention_forward", _flash_variant(**kw), seed=seed, strict=True)
 
 
+# ---- mistakes real learners made, each named by its signature ------------------------------
+def _sdpa_masked(*, fill=float("-inf"), bool_added=False, causal=None):
+    """Attention whose masking goes wrong one way: a fill value, a bool mask added as numbers,
+    or a causal mask made by ``causal(L, S)`` (allowed where True)."""
+
+    def fn(q, k, v, attn_mask=None, is_causal=False):
+        L, S = q.shape[-2], k.shape[-2]
+        s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        allowed = None
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            if bool_added:
+                s = s + attn_mask
+            else:
+                allowed = attn_mask
+        elif attn_mask is not None:
+            s = s + attn_mask
+        if is_causal:
+            cm = torch.ones(L, S, dtype=torch.bool).tril() if causal is None else causal(L, S)
+            allowed = cm if allowed is None else allowed & cm
+        if allowed is not None:
+            s = s.masked_fill(~allowed, fill)
+        return torch.softmax(s, -1) @ v
+
+    return fn
+
+
+def sdpa_causal_mask_square(q, k, v, attn_mask=None, is_causal=False):
+    """The causal mask built (L, L), as if the keys were the queries."""
+    L = q.shape[-2]
+    s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    allowed, bias = _allowed(L, k.shape[-2], attn_mask, False)
+    if bias is not None:
+        s = s + bias
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    if is_causal:
+        s = s.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
+def _backward_correction(which):
+    def fn(dout, q, k, v, attn_mask=None, is_causal=False):
+        allowed, _ = _allowed(q.shape[-2], k.shape[-2], attn_mask, is_causal)
+        c = q.shape[-1] ** -0.5
+        s = q @ k.transpose(-2, -1) * c
+        if allowed is not None:
+            s = s.masked_fill(~allowed, float("-inf"))
+        p = torch.softmax(s, -1)
+        dp = dout @ v.transpose(-2, -1)
+        if which == "rowsum_dp":
+            ds = p * (dp - dp.sum(-1, keepdim=True))
+        else:
+            ds = p * (dp - (p * dp).sum(-2, keepdim=True))
+        return ds @ k * c, ds.transpose(-2, -1) @ q * c, p.transpose(-2, -1) @ dout
+
+    return fn
+
+
+def mha_heads_not_transposed(query, key, value, h, w_in, b_in, w_out, b_out, kpm=None):
+    """Heads viewed as (N, L, h, d) and never transposed: attention runs across the heads."""
+    n, L, e = query.shape
+    d = e // h
+    wq, wk, wv = w_in.chunk(3)
+    bq, bk, bv = b_in.chunk(3)
+    q = (query @ wq.T + bq).view(n, L, h, d)
+    k = (key @ wk.T + bk).view(n, key.shape[1], h, d)
+    v = (value @ wv.T + bv).view(n, key.shape[1], h, d)
+    o = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d), -1) @ v  # (N, L, h, d)
+    return o.reshape(n, L, e) @ w_out.T + b_out
+
+
+SIGNATURE_MISTAKES = [
+    (
+        "scaled_dot_product_attention",
+        _sdpa_masked(fill=0.0),
+        r"bool attn_mask .*It looks like the masked scores were set to 0 instead of -inf",
+    ),
+    (
+        "scaled_dot_product_attention",
+        _sdpa_masked(bool_added=True),
+        r"It looks like the bool mask was added to the scores as numbers",
+    ),
+    (
+        "scaled_dot_product_attention",
+        _sdpa_masked(causal=lambda L, S: torch.ones(L, S, dtype=torch.bool).triu(1)),
+        r"is_causal=True .*NaN or inf\. It looks like the causal mask was inverted",
+    ),
+    (
+        "scaled_dot_product_attention",
+        sdpa_causal_mask_square,
+        r"L=3 < S=6, .*raised RuntimeError.*It looks like the causal mask was built square.*"
+        r"\(L, S\) = \(3, 6\)",
+    ),
+    (
+        "attention_backward",
+        _backward_correction("rowsum_dp"),
+        r"`dq` is wrong.*correction subtracts rowsum\(dP\); it subtracts rowsum\(dP \* P\)",
+    ),
+    (
+        "attention_backward",
+        _backward_correction("over_queries"),
+        r"`dq` is wrong.*correction was summed over the queries \(dim -2\)",
+    ),
+    (
+        "multi_head_attention_forward",
+        mha_heads_not_transposed,
+        r"raised RuntimeError.*It looks like the heads were split as \(N, L, h, d\) without "
+        r"transpose\(1, 2\)",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("exercise_id", "fn", "pattern"),
+    SIGNATURE_MISTAKES,
+    ids=[
+        f"{e}-{getattr(f, '__name__', 'variant')}-{i}"
+        for i, (e, f, _) in enumerate(SIGNATURE_MISTAKES)
+    ],
+)
+def test_recognisable_mistake_is_named(exercise_id, fn, pattern):
+    for seed in MISTAKE_SEEDS:
+        with pytest.raises(cu.CheckFailure, match=pattern) as info:
+            cu.check(exercise_id, fn, seed=seed, strict=True)
+        assert "without keepdim=True often causes" not in str(info.value)
+
+
 def test_flash_naive_full_matrix_is_rejected_by_the_memory_rule():
     def naive(q, k, v, block_size=64, is_causal=False):
         return ch09.ref_scaled_dot_product_attention(q, k, v, is_causal=is_causal)

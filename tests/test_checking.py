@@ -82,6 +82,23 @@ def test_generic_diagnoses_sign_and_constant_factor(toy_exercises):
         cu.check("toy_double", lambda x: x)
 
 
+def test_a_scalar_or_a_pair_is_never_off_by_a_constant_factor(toy_exercises):
+    # Any two numbers differ by a constant factor; a clamped loss (23.03 for 12968.3) was told
+    # "such as 1/N", which sent learners after a bug that was not there.
+    t = Tester(checking.get_exercise("toy_double"), _ref_double, 0)
+    f64 = torch.float64
+    for got, want in (
+        (torch.tensor(23.0259, dtype=f64), torch.tensor(12968.3, dtype=f64)),
+        (torch.tensor([2.0], dtype=f64), torch.tensor([1.0], dtype=f64)),
+        (torch.tensor([2.0, 4.0], dtype=f64), torch.tensor([1.0, 2.0], dtype=f64)),
+        (torch.tensor([2.0, 0.0, 0.0], dtype=f64), torch.tensor([1.0, 0.0, 0.0], dtype=f64)),
+    ):
+        assert "constant factor" not in t._diagnose(got, want, 1e-7, 1e-10, (), True)
+    three = torch.tensor([1.0, 2.0, 3.0], dtype=f64)
+    assert "constant factor of 2 " in t._diagnose(2 * three, three, 1e-7, 1e-10, (), True)
+    assert "sign is flipped" in t._diagnose(-three[:1], three[:1], 1e-7, 1e-10, (), True)
+
+
 def test_pending_in_learn_mode_and_failure_in_strict_mode(toy_exercises, monkeypatch, capsys):
     def stub(x):
         raise NotImplementedError("toy_double: write me")

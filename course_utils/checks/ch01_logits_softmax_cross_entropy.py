@@ -290,6 +290,57 @@ def _check_loss_and_grad(
     )
 
 
+#: Floors learners put under a probability before its log: powers of ten, the float eps and tiny
+#: values, and exp(-100) (log(p).clamp(min=-100), the floor of PyTorch's BCELoss).
+_LOG_FLOORS = (
+    *(10.0**-k for k in range(3, 46)),
+    float(torch.finfo(torch.float32).eps),
+    float(torch.finfo(torch.float32).tiny),
+    float(torch.finfo(torch.float64).eps),
+    math.exp(-100.0),
+)
+
+
+def _clamped_log_mistakes(row_loss: Callable[[], Tensor], form: str) -> list:
+    """Mean losses of -log(max(p, eps)) and -log(p + eps), from each row's exact -log p (float64).
+
+    A clamp is identifiable only on a case where some row's probability lies below eps (an
+    extreme-logits case, where it underflows); elsewhere its model equals the true loss and is
+    left out. An added eps shifts every row a little, by about eps / p.
+    ``row_loss`` is called once, on failure only.
+    """
+    sentence = (
+        "clamping/epsilon in the log changes the loss where a probability underflows, and "
+        "log(p + eps) shifts it wherever p is small: use log_softmax / the log-sum-exp form, "
+        f"{form} (the loss matches FORM)."
+    )
+    cache: list[Tensor] = []
+
+    def model(eps: float, add: bool) -> Callable[[], Tensor | None]:
+        def lazy() -> Tensor | None:
+            if not cache:
+                cache.append(row_loss())
+            r, floor = cache[0], -math.log(eps)
+            if add:  # -log(p + eps) = -logaddexp(log p, log eps): off a little everywhere
+                return -torch.logaddexp(-r, torch.full_like(r, -floor)).mean()
+            if not bool((r > floor).any()):
+                return None  # no probability below eps here: the clamp changes nothing
+            return r.clamp(max=floor).mean()
+
+        return lazy
+
+    return [
+        (
+            sentence.replace(
+                "FORM", f"log({'p + eps' if add else 'max(p, eps)'}) with eps = {eps:.3g}"
+            ),
+            model(eps, add),
+        )
+        for eps in _LOG_FLOORS
+        for add in (False, True)
+    ]
+
+
 def _ce_loss_mistakes(logits: Tensor, target: Tensor, ref_loss: Tensor) -> list:
     n = logits.shape[0]
     logp = torch.log_softmax(logits, -1)
@@ -300,6 +351,10 @@ def _ce_loss_mistakes(logits: Tensor, target: Tensor, ref_loss: Tensor) -> list:
         (
             "the loss is -p[target] (no log).",
             lambda: -torch.softmax(logits, -1)[torch.arange(n), target].mean(),
+        ),
+        *_clamped_log_mistakes(
+            lambda: -logp[torch.arange(n), target],
+            "-log p[target] = logsumexp(logits) - logits[target]",
         ),
     ]
 
@@ -402,6 +457,13 @@ def _group_loss_mistakes(logits: Tensor, mask: Tensor, ref_loss: Tensor) -> list
             (per_class.sum(-1) / mask.sum(-1)).mean(),
         ),
         ("the loss is summed over the batch; the contract asks for the mean.", ref_loss * n),
+        *_clamped_log_mistakes(
+            lambda: (
+                torch.logsumexp(logits, -1)
+                - torch.logsumexp(logits.masked_fill(~mask, float("-inf")), -1)
+            ),
+            "-log sum_{c in G} p_c = logsumexp(all logits) - logsumexp(logits in G)",
+        ),
     ]
 
 

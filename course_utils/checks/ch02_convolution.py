@@ -139,14 +139,30 @@ _PAIR_HINT = (
 )
 
 
-def _call(t: Tester, case: str, *args: Any) -> Any:
-    """``t.call`` with a hint when the error looks like int-versus-pair handling."""
+EMPTY_SLICE = "a slice [pad:-pad] is empty when pad = 0; use [pad:pad + H] (and [pad:pad + W])."
+
+
+def _empty_slice_shape(x_shape: tuple[int, ...], padding: Pair) -> tuple[int, ...] | None:
+    """The shape x_padded[:, :, ph:-ph, pw:-pw] has when a padding is 0 (the slice is empty), else None."""
+    (ph, pw), (n, c, h, w) = _pair(padding), x_shape
+    return (n, c, h if ph else 0, w if pw else 0) if 0 in (ph, pw) else None
+
+
+def _call(t: Tester, case: str, *args: Any, padding: Pair | None = None) -> Any:
+    """``t.call`` with a hint when the error looks like int-versus-pair handling, or (given the
+    case's ``padding``) like writing the input into x_padded[:, :, p:-p, p:-p] with p = 0."""
     try:
         return t.call(case, *args)
     except CheckFailure as failure:
         text = str(failure)
         if any(e in text for e in PAIR_ERRORS):
             raise CheckFailure(text + _PAIR_HINT) from None
+        if (
+            padding is not None
+            and 0 in _pair(padding)
+            and "expanded size of the tensor (0)" in text
+        ):
+            raise CheckFailure(f"{text} It looks like {EMPTY_SLICE}") from None
         raise
 
 
@@ -481,7 +497,7 @@ def check_im2col(t: Tester) -> None:
         (kh, kw), (sh, sw), (ph, pw) = _pair(pc.kernel), _pair(pc.stride), _pair(pc.padding)
         oh, ow = _out_len(h, kh, sh, ph), _out_len(w, kw, sw, pw)
         args = (pc.x, pc.kernel) if pc.defaults else (pc.x, pc.kernel, pc.stride, pc.padding)
-        got = _call(t, pc.name, *args)
+        got = _call(t, pc.name, *args, padding=pc.padding)
         ref = ref_im2col(pc.x.double(), pc.kernel, pc.stride, pc.padding).to(pc.x.dtype)
         shapes = {
             key: (n, c * kh * kw, a * b)
@@ -609,16 +625,20 @@ def check_col2im(t: Tester) -> None:
             if pc.defaults
             else (cols, size, pc.kernel, pc.stride, pc.padding)
         )
-        got = _call(t, case, *args)
+        got = _call(t, case, *args, padding=pc.padding)
         ref = ref_col2im(cols.double(), (h, w), pc.kernel, pc.stride, pc.padding).to(cols.dtype)
         padded = (n, c, h + 2 * padding[0], w + 2 * padding[1])
+        shapes = {"not_cropped": padded}
+        empty = _empty_slice_shape((n, c, h, w), padding)
+        if empty is not None:
+            shapes["empty_slice"] = empty
         return [
             Output(
                 case,
                 "x",
                 got,
                 ref,
-                {"not_cropped": padded},
+                shapes,
                 lambda: _col2im_mistakes(cols, (h, w), kernel, stride, padding),
             )
         ]
@@ -627,6 +647,7 @@ def check_col2im(t: Tester) -> None:
 
 
 _COL2IM_SHAPE_SENTENCES = {
+    "empty_slice": EMPTY_SLICE,
     "not_cropped": "the padding was not cropped off: the result has the padded image's size; return "
     "xp[:, :, p:p+H, p:p+W].",
 }
@@ -766,7 +787,7 @@ def _conv_forward_mistakes(cc: _ConvCase) -> list:
 
 def _check_conv_forward(t: Tester) -> None:
     def produce(cc: _ConvCase) -> list[Output]:
-        got = _call(t, cc.name, *cc.args())
+        got = _call(t, cc.name, *cc.args(), padding=cc.padding)
         b64 = None if cc.bias is None else cc.bias.double()
         ref = F.conv2d(
             cc.x.double(), cc.weight.double(), b64, _pair(cc.stride), _pair(cc.padding)
@@ -964,8 +985,12 @@ def _grad_shape_variants(cc: _ConvCase, dout: Tensor) -> dict[str, dict[str, tup
     f, _, kh, kw = cc.weight.shape
     ph, pw = _pair(cc.padding)
     oh, ow = dout.shape[-2:]
+    dx = {"dx_not_cropped": (n, c, h + 2 * ph, w + 2 * pw)}
+    empty = _empty_slice_shape(tuple(cc.x.shape), cc.padding)
+    if empty is not None:
+        dx["empty_slice"] = empty
     return {
-        "dx": {"dx_not_cropped": (n, c, h + 2 * ph, w + 2 * pw)},
+        "dx": dx,
         "dweight": {"dw_per_image": (n, f, c, kh, kw), "dw_c_first": (c, f, kh, kw)},
         "dbias": {
             "db_batch": (n, f),
@@ -978,6 +1003,7 @@ def _grad_shape_variants(cc: _ConvCase, dout: Tensor) -> dict[str, dict[str, tup
 
 
 _GRAD_SHAPE_SENTENCES = {
+    "empty_slice": EMPTY_SLICE,
     "dx_not_cropped": "dx still has the padded input's size: crop the padding off, dx = dx_padded[:, :, p:p+H, p:p+W] "
     "(the padding zeros are constants, not inputs).",
     "dw_per_image": "dweight was not summed over the batch: one weight serves every image, so add the N per-image gradients.",
@@ -1001,7 +1027,7 @@ def _grad_outputs(
 ) -> list[Output]:
     """Call the learner's backward on one case; its (dx, dweight, dbias) as Outputs."""
     case = cc.name
-    out = _call(t, case, dout, *cc.args())
+    out = _call(t, case, dout, *cc.args(), padding=cc.padding)
     dx, dweight, dbias = t.unpack(case, out, ("dx", "dweight", "dbias"))
     if cc.bias is None and dbias is not None:
         t.fail(

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checking import Tester, exercise
+from ..checking import CheckFailure, Tester, exercise
 from ..gradcheck import numerical_gradient
 
 CHAPTER = "06_normalization"
@@ -77,10 +77,14 @@ def _bn_backward(
     count: int | None = None,
     mean_term: bool = True,
     var_term: bool = True,
+    per_pixel: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    # The keyword options build the mistaken versions the battery names.
-    dims = _stat_dims(x)
+    # The keyword options build the mistaken versions the battery names; per_pixel takes the
+    # statistics over N only (one per (c, h, w)) and returns dgamma, dbeta per (c, h, w) too.
+    dims = (0,) if per_pixel else _stat_dims(x)
     m = x.numel() // x.shape[1] if count is None else count
+    if per_pixel:
+        m = x.shape[0]
     mean = x.mean(dims, keepdim=True)
     var = x.var(dims, unbiased=unbiased, keepdim=True)
     rstd = 1 / torch.sqrt(var + eps)
@@ -90,9 +94,9 @@ def _bn_backward(
     g = _per_channel(gamma, x)
     dx = dout * 1.0
     if mean_term:
-        dx = dx - _per_channel(dbeta, x) / m
+        dx = dx - dout.sum(dims, keepdim=True) / m
     if var_term:
-        dx = dx - xhat * _per_channel(dgamma, x) / m
+        dx = dx - xhat * (dout * xhat).sum(dims, keepdim=True) / m
     return g * rstd * dx, dgamma, dbeta
 
 
@@ -376,6 +380,39 @@ def _bn_forward_cases(t: Tester) -> list[tuple[str, tuple, dict]]:
     return cases
 
 
+#: The generic hint Tester adds to a broadcasting error; wrong here, so it is taken out.
+_KEEPDIM_HINT = "A reduction (max, sum, mean) without keepdim=True often causes this."
+PER_PIXEL = (
+    "It looks like the statistics were taken over N only (x.mean(0)): on (N, C, H, W) input they "
+    "come out (C, H, W), one per pixel, and do not broadcast against running_mean (C,). "
+    "BatchNorm2d takes one mean and variance per channel, over dims (0, 2, 3)."
+)
+
+
+def _probe_per_pixel(t: Tester, failure: CheckFailure, c: int, dtype: torch.dtype) -> None:
+    """After a broadcasting error on 4-D input: rerun on (2, C, 2, C), where statistics over N
+    only, (C, 2, C), do broadcast against (C,); if they show, raise ``failure`` naming them."""
+    gen = torch.Generator().manual_seed(t.seed)
+    x = torch.randn(2, c, 2, c, generator=gen, dtype=torch.float64).to(dtype)
+    gamma, beta = torch.ones(c, dtype=dtype), torch.zeros(c, dtype=dtype)
+    rm, rv = torch.zeros(c, dtype=dtype), torch.ones(c, dtype=dtype)
+    try:
+        out = t.call(f"x {tuple(x.shape)}, a probe", x, gamma, beta, rm, rv, 0.1, 1e-5, True)
+    except CheckFailure:
+        return
+    if not isinstance(out, tuple | list) or len(out) != 3:
+        return
+    y, new_rm = out[0], out[1]
+    xd = x.double()
+    pixel = (xd - xd.mean(0)) / torch.sqrt(xd.var(0, unbiased=False) + 1e-5)
+    shows = torch.is_tensor(new_rm) and tuple(new_rm.shape) == tuple(x.shape[1:])
+    if torch.is_tensor(y) and y.shape == x.shape:
+        shows = shows or bool(torch.allclose(y.double(), pixel, rtol=1e-4, atol=1e-5))
+    if shows:  # the keepdim hint of the broadcasting error does not apply here
+        text = str(failure).replace(f" {_KEEPDIM_HINT}", "")
+        raise CheckFailure(f"{text} {PER_PIXEL}") from None
+
+
 @exercise(
     "batchnorm_forward",
     forbidden=BATCH_NORM_OPS,
@@ -389,14 +426,19 @@ def check_batchnorm_forward(t: Tester) -> None:
     """Train and eval, (N,C) and (N,C,H,W), many (momentum, eps); against one nn.BatchNorm step."""
     for case, (x, gamma, beta, rm, rv), s in _bn_forward_cases(t):
         momentum, eps, training = s["momentum"], s["eps"], s["training"]
-        if s["style"] == "defaults":
-            out = t.call(case, x, gamma, beta, rm, rv)
-        elif s["style"] == "keywords":
-            out = t.call(
-                case, x, gamma, beta, rm, rv, momentum=momentum, eps=eps, training=training
-            )
-        else:
-            out = t.call(case, x, gamma, beta, rm, rv, momentum, eps, training)
+        try:
+            if s["style"] == "defaults":
+                out = t.call(case, x, gamma, beta, rm, rv)
+            elif s["style"] == "keywords":
+                out = t.call(
+                    case, x, gamma, beta, rm, rv, momentum=momentum, eps=eps, training=training
+                )
+            else:
+                out = t.call(case, x, gamma, beta, rm, rv, momentum, eps, training)
+        except CheckFailure as failure:
+            if x.dim() == 4 and training and "must match the size" in str(failure):
+                _probe_per_pixel(t, failure, x.shape[1], x.dtype)
+            raise
         y, new_rm, new_rv = t.unpack(case, out, ("out", "new_running_mean", "new_running_var"))
         want_out, want_rm, want_rv = _torch_batchnorm(
             x, gamma, beta, rm, rv, momentum, eps, training
@@ -507,6 +549,15 @@ def _bn_dx_mistakes(dout: Tensor, x: Tensor, gamma: Tensor, eps: float) -> list:
             lambda: _bn_backward(d, x, torch.ones_like(g), eps)[0],
         ),
     ]
+    if x.dim() == 4:
+        mistakes.append(
+            (
+                "the batch statistics were taken over N only (x.mean(0): one mean and variance per "
+                "(c, h, w), with M = N). BatchNorm2d takes them per channel over N, H and W together: "
+                "reduce over dims (0, 2, 3), with M = N*H*W, in the backward as in the forward.",
+                lambda: _bn_backward(d, x, g, eps, per_pixel=True)[0],
+            )
+        )
     return mistakes
 
 
@@ -532,6 +583,16 @@ def _bn_param_mistakes(dout: Tensor, x: Tensor, gamma: Tensor, eps: float, which
         (
             "dgamma was multiplied by gamma; it is sum(dout * xhat), with no gamma.",
             lambda: (d * xhat).sum(dims) * gamma.double(),
+        ),
+        (
+            "xhat was normalised with statistics over N only (x.mean(0), one per (c, h, w)); "
+            "BatchNorm2d's xhat uses one mean and variance per channel, over N, H and W (dims "
+            "(0, 2, 3)).",
+            lambda: (
+                (d * (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + eps)).sum(dims)
+                if x.dim() == 4
+                else None
+            ),
         ),
     ]
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from ..checking import Tester, exercise
+from ..checking import CheckFailure, Tester, exercise
 from ..gradcheck import numerical_gradient
 
 CHAPTER = "09_attention"
@@ -156,15 +156,16 @@ def _attend(
     scale: float | None = None,
     dim: int = -1,
     zero_after: bool = False,
+    fill: float = float("-inf"),
 ) -> Tensor:
-    """Attention with the knobs learners get wrong: mask, bias, scale, softmax axis."""
+    """Attention with the knobs learners get wrong: mask, bias, scale, softmax axis, fill value."""
     q, k, v = q.double(), k.double(), v.double()
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     s = q @ k.transpose(-2, -1) * scale
     if bias is not None:
         s = s + bias.double()
     if allowed is not None and not zero_after:
-        s = s.masked_fill(~allowed, float("-inf"))
+        s = s.masked_fill(~allowed, fill)
     p = torch.softmax(s, dim)
     if allowed is not None and zero_after:
         p = p * allowed
@@ -206,6 +207,18 @@ def _causal_mistakes(
         (
             "is_causal was ignored: no causal mask was applied.",
             with_mask(torch.ones(L, S, dtype=torch.bool)),
+        ),
+        (
+            "the causal mask was inverted: -inf was filled where tril(ones(L, S)) is True (the keys a "
+            "query MAY see); fill it where the tril mask is False, the future keys j > i.",
+            with_mask(~causal_mask(L, S)),
+        ),
+        (
+            "the future scores were set to 0 instead of -inf: a score of 0 still gets weight exp(0) "
+            "in the softmax; fill -inf where j > i.",
+            lambda: _attend(
+                q, k, v, causal_mask(L, S) if extra is None else causal_mask(L, S) & extra, fill=0.0
+            ),
         ),
     ]
     if L != S:
@@ -269,6 +282,16 @@ def _sdpa_mistakes(
                 ),
             ),
             ("the bool mask was ignored.", lambda: _attend(q, k, v)),
+            (
+                "the masked scores were set to 0 instead of -inf: a score of 0 still gets weight exp(0) "
+                "in the softmax; use masked_fill(~attn_mask, float('-inf')).",
+                lambda: _attend(q, k, v, attn_mask, fill=0.0),
+            ),
+            (
+                "the bool mask was added to the scores as numbers (True = 1, False = 0); a bool mask "
+                "selects: fill -inf where it is False.",
+                lambda: _attend(q, k, v, bias=attn_mask.double()),
+            ),
             (
                 "the masked probabilities were zeroed after the softmax without renormalising; mask the "
                 "scores with -inf before the softmax.",
@@ -444,6 +467,14 @@ def _judge_output(
     t.compare(case, "output", got, expected.to(dtype), mistakes=mistakes)
 
 
+#: The generic hint Tester adds to a broadcasting error; wrong where the battery knows better.
+_KEEPDIM_HINT = "A reduction (max, sum, mean) without keepdim=True often causes this."
+SQUARE_CAUSAL = (
+    "It looks like the causal mask was built square, (L, L) or (S, S); the scores are (L, S) = "
+    "({L}, {S}) here, so build it as torch.ones(L, S, dtype=torch.bool).tril() (query i sees keys j <= i)."
+)
+
+
 @exercise(
     "scaled_dot_product_attention",
     forbidden=SDPA_OPS,
@@ -455,7 +486,17 @@ def _judge_output(
 def check_scaled_dot_product_attention(t: Tester) -> None:
     """Batch dims, L != S, d != dv, bool/float masks, causal with L != S, float32, extreme scores."""
     for case, (q, k, v), kw in _sdpa_cases(t):
-        got = t.call(case, q, k, v, **kw)
+        L, S = q.shape[-2], k.shape[-2]
+        try:
+            got = t.call(case, q, k, v, **kw)
+        except CheckFailure as failure:
+            text = str(failure)
+            if kw.get("is_causal") and "must match the size" in text:
+                if f"({L})" in text and f"({S})" in text and L != S:
+                    raise CheckFailure(
+                        f"{text.replace(f' {_KEEPDIM_HINT}', '')} {SQUARE_CAUSAL.format(L=L, S=S)}"
+                    ) from None
+            raise
         expected = _torch_sdpa(q, k, v, kw.get("attn_mask"), kw.get("is_causal", False))
         mistakes = _sdpa_mistakes(q, k, v, kw.get("attn_mask"), kw.get("is_causal", False), got)
         _judge_output(t, case, got, expected, q.dtype, mistakes)
@@ -487,9 +528,22 @@ def _backward_mistakes(
         p = torch.softmax(s, -1)
         return p, dod @ vd.transpose(-2, -1)
 
-    def ds(no_correction: bool = False, use_mask: bool = True) -> Tensor:
+    def ds(no_correction: bool = False, use_mask: bool = True, wrong_sum: str = "") -> Tensor:
         p, dp = parts(use_mask)
+        if wrong_sum == "dP":
+            return p * (dp - dp.sum(-1, keepdim=True))
+        if wrong_sum == "queries":
+            return p * (dp - (dp * p).sum(-2, keepdim=True))
         return p * dp if no_correction else p * (dp - (dp * p).sum(-1, keepdim=True))
+
+    rowsum_dp = (
+        "the softmax Jacobian's correction subtracts rowsum(dP); it subtracts rowsum(dP * P): "
+        "dS = P * (dP - (dP * P).sum(-1, keepdim=True))."
+    )
+    over_queries = (
+        "the softmax Jacobian's correction was summed over the queries (dim -2); it is a sum over "
+        "each row's keys: dS = P * (dP - (dP * P).sum(-1, keepdim=True))."
+    )
 
     jac = (
         "dS = P * dP is missing the softmax Jacobian's correction term: dS = P * (dP - rowsum(dP * P)).",
@@ -498,6 +552,8 @@ def _backward_mistakes(
     sentences = {
         "dq": [
             (jac[0], lambda: ds(True) @ kd * scale),
+            (rowsum_dp, lambda: ds(wrong_sum="dP") @ kd * scale),
+            (over_queries, lambda: ds(wrong_sum="queries") @ kd * scale),
             ("dq is missing the 1/sqrt(d) scale of the scores.", lambda: ds() @ kd),
             ("dq and dk are swapped.", lambda: ds().transpose(-2, -1) @ qd * scale),
             (
@@ -512,6 +568,8 @@ def _backward_mistakes(
         ],
         "dk": [
             (jac[0], lambda: ds(True).transpose(-2, -1) @ qd * scale),
+            (rowsum_dp, lambda: ds(wrong_sum="dP").transpose(-2, -1) @ qd * scale),
+            (over_queries, lambda: ds(wrong_sum="queries").transpose(-2, -1) @ qd * scale),
             (
                 "dk is missing the 1/sqrt(d) scale of the scores.",
                 lambda: ds().transpose(-2, -1) @ qd,
@@ -686,6 +744,8 @@ def _mha_variant(
         return y if no_in_bias else y + b
 
     def heads(x, length):
+        if split == "no_transpose":  # (N, L, h, d): attention then runs across the heads
+            return x.reshape(n, length, h, d)
         if split == "view":
             return x.reshape(n, h, length, d)
         if split == "contiguous_last":
@@ -706,9 +766,24 @@ def _mha_variant(
     return o @ w_out.T + (b_out if out_bias else 0)
 
 
+NO_HEAD_TRANSPOSE = (
+    "the heads were split as (N, L, h, d) without transpose(1, 2), so attention ran across the h "
+    "heads of each position instead of across the positions; transpose to (N, h, L, d) before "
+    "q @ k^T, and back before merging."
+)
+
+
 def _mha_mistakes(args: tuple, got: Any) -> list:
     kpm = args[-1]
     out: list = [
+        (
+            NO_HEAD_TRANSPOSE,
+            lambda: (
+                _mha_variant(*args, split="no_transpose", merge="view")
+                if kpm is None and args[0].shape[1] == args[1].shape[1]
+                else None
+            ),
+        ),
         (
             "the heads were split with a plain view (N, L, E) -> (N, h, L, d); view as (N, L, h, d) first, "
             "then transpose(1, 2).",
@@ -821,6 +896,21 @@ def _mha_cases(t: Tester) -> list[tuple[str, tuple]]:
     return cases
 
 
+def _probe_head_transpose(t: Tester, failure: CheckFailure, cases: list) -> None:
+    """After a broadcasting error: rerun on the self-attention case (L = S), where heads left
+    untransposed do run; if the output shows it, raise ``failure`` naming the mistake."""
+    case, args = next((c, a) for c, a in cases if a[0].shape[1] == a[1].shape[1] and a[-1] is None)
+    try:
+        got = t.call(f"{case}, a probe", *args)
+    except CheckFailure:
+        return
+    model = _mha_variant(*args, split="no_transpose", merge="view")
+    if torch.is_tensor(got) and got.shape == model.shape:
+        if torch.allclose(got.double(), model, rtol=1e-5, atol=1e-7):
+            text = str(failure).replace(f" {_KEEPDIM_HINT}", "")
+            raise CheckFailure(f"{text} It looks like {NO_HEAD_TRANSPOSE}") from None
+
+
 @exercise(
     "multi_head_attention_forward",
     forbidden=("multi_head_attention_forward",),
@@ -834,8 +924,14 @@ def _mha_cases(t: Tester) -> list[tuple[str, tuple]]:
 )
 def check_multi_head_attention_forward(t: Tester) -> None:
     """Against F.multi_head_attention_forward: heads 1 to 4, L != S, self-attention, padding, float32."""
-    for case, args in _mha_cases(t):
-        got = t.call(case, *args)
+    cases = _mha_cases(t)
+    for case, args in cases:
+        try:
+            got = t.call(case, *args)
+        except CheckFailure as failure:
+            if "must match the size" in str(failure):
+                _probe_head_transpose(t, failure, cases)
+            raise
         expected = _torch_mha(*args)
         _judge_output(t, case, got, expected, args[0].dtype, _mha_mistakes(args, got))
 
