@@ -174,7 +174,19 @@ def _stub(name: str | None) -> list[str]:
             "# YOUR CODE HERE",
             'raise NotImplementedError("replace this line with your code (see the derivation above)")',
         ]
-    return [f'raise NotImplementedError("{name}: {STUB_HINT}")']
+    note = _forbidden_note(name)
+    return [*note, f'raise NotImplementedError("{name}: {STUB_HINT}")']
+
+
+def _forbidden_note(name: str) -> list[str]:
+    """The comment that tells the learner which PyTorch calls this exercise may not use."""
+    from .checking import REGISTRY, _registry
+
+    exercise = (_registry() if not REGISTRY else REGISTRY).get(name)
+    if exercise is None or not exercise.forbidden_text():
+        return []
+    text = exercise.forbidden_text()
+    return [f"# This exercise {text}: the check refuses them."]
 
 
 def _enclosing_name(source: str, lines: list[str], number: int, indent: int) -> str | None:

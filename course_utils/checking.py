@@ -153,8 +153,21 @@ class Exercise:
 
 REGISTRY: dict[str, Exercise] = {}
 _LAST_STATUS: dict[str, str] = {}
-# Only the course's own tests switch this on, to prove each reference passes its battery.
+# Only the course's own tests switch these on: to prove each reference passes its battery,
+# and to plant mistakes built from the very operators an exercise forbids.
 _REFERENCES_ALLOWED = False
+_FORBIDDEN_CALLS_ALLOWED = False
+
+
+@contextlib.contextmanager
+def forbidden_calls_allowed() -> Iterator[None]:
+    """For the course's own tests: switch off the guard against an exercise's forbidden calls."""
+    global _FORBIDDEN_CALLS_ALLOWED
+    saved, _FORBIDDEN_CALLS_ALLOWED = _FORBIDDEN_CALLS_ALLOWED, True
+    try:
+        yield
+    finally:
+        _FORBIDDEN_CALLS_ALLOWED = saved
 
 
 @contextlib.contextmanager
@@ -292,7 +305,11 @@ def check(
         raise CheckFailure(
             f"{exercise_id}: expected a function (or class), got {type(fn).__name__}."
         )
-    handed_in = "" if _REFERENCES_ALLOWED else reference_named(fn)
+    handed_in = reference_named(fn)
+    if handed_in and _REFERENCES_ALLOWED:
+        # The course's tests prove a reference passes: it may use the operators it stands for.
+        with forbidden_calls_allowed():
+            return run_battery(ex, Tester(ex, fn, seed), strict=strict, seed=seed)
     if handed_in:
         _LAST_STATUS[exercise_id] = "failed"
         raise CheckFailure(
@@ -506,7 +523,7 @@ class Tester:
             backward=self.exercise.backward,
             watch=watch,
             references=refs,
-            forbidden=self.exercise.forbidden,
+            forbidden=() if _FORBIDDEN_CALLS_ALLOWED else self.exercise.forbidden,
         )
 
     def _guarded(

@@ -10,6 +10,7 @@ show that the statistical tests accept any correct way of drawing random numbers
 from __future__ import annotations
 
 import math
+import re
 import time
 
 import numpy as np
@@ -280,20 +281,18 @@ def gumbel_float32_uniform(
 
 
 CORRECT = {
-    "softmax": [softmax_numpy, softmax_loops, softmax_logsumexp, softmax_movedim],
+    "softmax": [softmax_numpy, softmax_loops, softmax_movedim],
     "log_softmax": [
         log_softmax_numpy,
         log_softmax_loops,
-        log_softmax_logsumexp,
         log_softmax_movedim,
     ],
     "cross_entropy": [
         cross_entropy_numpy,
         cross_entropy_loops,
-        cross_entropy_logsumexp,
         cross_entropy_eye,
     ],
-    "group_softmax_cross_entropy": [group_numpy, group_loops, group_logsumexp, group_where],
+    "group_softmax_cross_entropy": [group_numpy, group_loops, group_where],
     "gumbel_softmax": [
         gumbel_numpy,
         gumbel_exponential,
@@ -731,6 +730,7 @@ MISTAKES = SOFTMAX_MISTAKES + CE_MISTAKES + GROUP_MISTAKES + GUMBEL_MISTAKES
 @pytest.mark.parametrize(
     ("exercise_id", "fn", "pattern"), MISTAKES, ids=[f.__name__ for _, f, _ in MISTAKES]
 )
+@pytest.mark.forbidden_calls_allowed
 def test_planted_mistake_is_named(exercise_id, fn, pattern):
     for seed in MISTAKE_SEEDS:
         with pytest.raises(cu.CheckFailure, match=pattern) as info:
@@ -826,6 +826,7 @@ def test_log_softmax_underflow_message_does_not_blame_overflow():
         ("group_softmax_cross_entropy", group_clamped_log),
     ],
 )
+@pytest.mark.forbidden_calls_allowed
 def test_a_clamped_log_is_never_blamed_on_a_constant_factor(exercise_id, fn):
     # Real learners' clamp at 1e-10 was told "off by a constant factor ... such as 1/N".
     for seed in MISTAKE_SEEDS:
@@ -895,3 +896,41 @@ def test_correct_styles_agree_with_torch_on_any_shape_and_dim(shape, data):
         torch.testing.assert_close(fn(x, dim), torch.softmax(x, dim))
     for fn in CORRECT["log_softmax"]:
         torch.testing.assert_close(fn(x, dim), torch.log_softmax(x, dim))
+
+
+def softmax_builtin(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    return torch.softmax(logits, dim)
+
+
+def log_softmax_functional(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    return F.log_softmax(logits, dim)
+
+
+def gumbel_functional(logits, tau=1.0, hard=False, dim=-1):
+    return F.gumbel_softmax(logits, tau=tau, hard=hard, dim=dim)
+
+
+def log_softmax_aten(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    return torch.ops.aten._log_softmax.default(logits, dim, False)
+
+
+# Right answers, but through the operator the exercise rebuilds (or its twin): refused.
+SHORTCUTS = [
+    ("softmax", softmax_logsumexp, "logsumexp"),
+    ("softmax", softmax_builtin, "torch.softmax"),
+    ("log_softmax", log_softmax_logsumexp, "logsumexp"),
+    ("log_softmax", log_softmax_functional, "F.log_softmax"),
+    ("log_softmax", log_softmax_aten, "torch.ops.aten.log_softmax"),
+    ("cross_entropy", cross_entropy_logsumexp, "logsumexp"),
+    ("group_softmax_cross_entropy", group_logsumexp, "logsumexp"),
+    ("gumbel_softmax", gumbel_functional, "F.gumbel_softmax"),
+]
+
+
+# ---- shortcuts through the operator an exercise rebuilds ---------------------------------------
+@pytest.mark.parametrize(
+    "exercise_id, fn, call", SHORTCUTS, ids=[f.__name__ for _, f, _ in SHORTCUTS]
+)
+def test_a_shortcut_through_the_rebuilt_operator_is_refused(exercise_id, fn, call):
+    with pytest.raises(cu.CheckFailure, match=rf"called \S*{re.escape(call)}.*build yourself"):
+        cu.check(exercise_id, fn, strict=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 import time
 
 import numpy as np
@@ -491,7 +492,6 @@ CORRECT = {
         bwd_six_loops,
         bwd_python,
         bwd_unfold_fold,
-        bwd_full_convolution,
         bwd_shift_and_add,
     ],
 }
@@ -1093,6 +1093,7 @@ MISTAKES = (
 @pytest.mark.parametrize(
     ("exercise_id", "fn", "pattern"), MISTAKES, ids=[f"{e}-{f.__name__}" for e, f, _ in MISTAKES]
 )
+@pytest.mark.forbidden_calls_allowed
 def test_planted_mistake_is_named(exercise_id, fn, pattern):
     for seed in MISTAKE_SEEDS:
         with pytest.raises(cu.CheckFailure, match=pattern) as info:
@@ -1302,3 +1303,35 @@ def test_correct_styles_agree_with_torch_on_random_shapes(
             fn(cols, (h, w), (kh, kw), stride, padding),
             F.fold(cols, (h, w), (kh, kw), padding=padding, stride=stride),
         )
+
+
+def im2col_functional(x, kernel_size, stride=1, padding=0):
+    # Refused at the call, before its layout matters.
+    return F.unfold(x, kernel_size, padding=padding, stride=stride)
+
+
+def col2im_functional(cols, output_size, kernel_size, stride=1, padding=0):
+    return F.fold(cols, output_size, kernel_size, padding=padding, stride=stride)
+
+
+def conv_functional(x, weight, bias=None, stride=1, padding=0):
+    return F.conv2d(x, weight, bias, stride=stride, padding=padding)
+
+
+# Right answers through the operator the exercise rebuilds: refused, naming the call.
+SHORTCUTS = [
+    ("im2col", im2col_functional, "F.unfold"),
+    ("col2im", col2im_functional, "F.fold"),
+    ("conv2d_forward", conv_functional, "conv2d"),
+    ("conv2d_forward_loops", conv_functional, "conv2d"),
+    ("conv2d_backward", bwd_full_convolution, "conv"),
+]
+
+
+# ---- shortcuts through the operator an exercise rebuilds ---------------------------------------
+@pytest.mark.parametrize(
+    "exercise_id, fn, call", SHORTCUTS, ids=[f.__name__ for _, f, _ in SHORTCUTS]
+)
+def test_a_shortcut_through_the_rebuilt_operator_is_refused(exercise_id, fn, call):
+    with pytest.raises(cu.CheckFailure, match=rf"called \S*{re.escape(call)}.*build yourself"):
+        cu.check(exercise_id, fn, strict=True)

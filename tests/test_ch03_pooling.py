@@ -711,6 +711,7 @@ MISTAKES = FORWARD_MISTAKES + INDEX_MISTAKES + MAX_BACKWARD_MISTAKES + AVG_BACKW
 @pytest.mark.parametrize(
     ("exercise_id", "fn", "pattern"), MISTAKES, ids=[f"{e}-{f.__name__}" for e, f, _ in MISTAKES]
 )
+@pytest.mark.forbidden_calls_allowed
 def test_planted_mistake_is_named(exercise_id, fn, pattern):
     for seed in MISTAKE_SEEDS:
         with pytest.raises(cu.CheckFailure, match=pattern) as info:

@@ -116,7 +116,6 @@ CORRECT = [
     dropout_numpy,
     dropout_loops,
     dropout_where_generator,
-    dropout_functional,
     dropout_elementwise,
 ]
 
@@ -425,6 +424,7 @@ MISTAKES = [
 
 
 @pytest.mark.parametrize(("fn", "pattern"), MISTAKES, ids=[f.__name__ for f, _ in MISTAKES])
+@pytest.mark.forbidden_calls_allowed
 def test_planted_mistake_is_named(fn, pattern):
     for seed in MISTAKE_SEEDS:
         _CACHE.clear()
@@ -625,3 +625,8 @@ def test_reference_output_is_zero_or_scaled_input_on_any_shape(shape, p, trainin
     else:
         kept = y != 0
         torch.testing.assert_close(y[kept], x[kept] / (1 - p))
+
+
+def test_dropout_through_torch_is_refused_naming_the_call():
+    with pytest.raises(cu.CheckFailure, match=r"called F\.dropout.*build yourself"):
+        cu.check("dropout", dropout_functional, strict=True)

@@ -954,6 +954,7 @@ MISTAKES = CONV_MISTAKES + RF_MISTAKES + RESIDUAL_MISTAKES + DENSE_MISTAKES
 @pytest.mark.parametrize(
     ("exercise_id", "fn", "pattern"), MISTAKES, ids=[f.__name__ for _, f, _ in MISTAKES]
 )
+@pytest.mark.forbidden_calls_allowed
 def test_planted_mistake_is_named(exercise_id, fn, pattern):
     for seed in MISTAKE_SEEDS:
         with pytest.raises(cu.CheckFailure, match=pattern) as info:

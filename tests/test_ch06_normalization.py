@@ -821,6 +821,7 @@ MISTAKES = (
     MISTAKES,
     ids=[f"{ex}-{i}-{getattr(f, '__name__', 'variant')}" for i, (ex, f, _) in enumerate(MISTAKES)],
 )
+@pytest.mark.forbidden_calls_allowed
 def test_planted_mistake_is_named(exercise_id, fn, message):
     for seed in MISTAKE_SEEDS:
         with pytest.raises(cu.CheckFailure, match=message):

@@ -310,9 +310,9 @@ def flash_scalar_loops(q, k, v, block_size=64, is_causal=False):
 
 
 CORRECT = {
-    "scaled_dot_product_attention": [sdpa_einsum, sdpa_numpy, sdpa_loops, sdpa_builtin],
+    "scaled_dot_product_attention": [sdpa_einsum, sdpa_numpy, sdpa_loops],
     "attention_backward": [backward_flash_style, backward_jacobian_loops],
-    "multi_head_attention_forward": [mha_per_head_loop, mha_einsum, mha_module],
+    "multi_head_attention_forward": [mha_per_head_loop, mha_einsum],
     "flash_attention_forward": [
         flash_key_blocks_only,
         flash_row_loops,
@@ -324,7 +324,7 @@ CORRECT_CASES = [(ex, fn) for ex, fns in CORRECT.items() for fn in fns]
 SLOWEST = {
     "scaled_dot_product_attention": sdpa_loops,
     "attention_backward": backward_jacobian_loops,
-    "multi_head_attention_forward": mha_module,
+    "multi_head_attention_forward": mha_per_head_loop,
     "flash_attention_forward": flash_row_loops,
 }
 
@@ -549,6 +549,7 @@ def test_backward_mistakes_on_square_shapes_are_named_exactly():
             cu.check("attention_backward", square_first, strict=True)
 
 
+@pytest.mark.forbidden_calls_allowed
 def test_backward_using_autograd_is_refused():
     def via_autograd(dout, q, k, v, attn_mask=None, is_causal=False):
         qq, kk, vv = (x.clone().requires_grad_(True) for x in (q, k, v))
@@ -744,6 +745,7 @@ def test_recognisable_mistake_is_named(exercise_id, fn, pattern):
         assert "without keepdim=True often causes" not in str(info.value)
 
 
+@pytest.mark.forbidden_calls_allowed
 def test_flash_naive_full_matrix_is_rejected_by_the_memory_rule():
     def naive(q, k, v, block_size=64, is_causal=False):
         return ch09.ref_scaled_dot_product_attention(q, k, v, is_causal=is_causal)
@@ -871,3 +873,47 @@ def test_report_check_seconds(capsys):
             lines.append(f"{exercise_id:30s} {label:24s} {time.perf_counter() - start:.3f} s")
     with capsys.disabled():
         print("\n" + "\n".join(lines))
+
+
+@pytest.mark.parametrize(
+    "exercise_id, fn, call",
+    [
+        ("scaled_dot_product_attention", sdpa_builtin, "scaled_dot_product_attention"),
+        ("multi_head_attention_forward", mha_module, "multi_head_attention_forward"),
+    ],
+    ids=["sdpa_builtin", "mha_module"],
+)
+def test_a_shortcut_through_the_rebuilt_operator_is_refused(exercise_id, fn, call):
+    with pytest.raises(cu.CheckFailure, match=rf"called \S*{call}.*build yourself"):
+        cu.check(exercise_id, fn, strict=True)
+
+
+def test_a_query_block_against_every_key_is_rejected():
+    """Tiling only the queries (an ordinary softmax per query block) is not FlashAttention."""
+
+    def query_blocks_only(q, k, v, block_size=64, is_causal=False):
+        L, S = q.shape[-2], k.shape[-2]
+        outs = []
+        for i in range(0, L, block_size):
+            s = q[..., i : i + block_size, :] @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+            if is_causal:
+                rows = torch.arange(i, min(i + block_size, L))[:, None]
+                s = s.masked_fill(torch.arange(S)[None, :] > rows, float("-inf"))
+            p = (s - s.amax(-1, keepdim=True)).exp()
+            outs.append(p / p.sum(-1, keepdim=True) @ v)  # (..., b, S) scores: every key at once
+        return torch.cat(outs, -2)
+
+    with pytest.raises(cu.CheckFailure, match="spans more than block_size=8 of the S = 48 keys"):
+        cu.check("flash_attention_forward", query_blocks_only, strict=True)
+
+
+def test_the_key_rule_exempts_layout_and_query_sized_axes():
+    allowed = ch09.query_sizes(1, 2, 40, 4, 3)
+    assert ch09.spans_keys("matmul", (1, 2, 8, 48), 8, allowed)
+    assert ch09.spans_keys("scaled_dot_product_attention", (1, 2, 8, 48), 8, allowed)
+    assert ch09.spans_keys("mul", (1, 2, 8, 16), 8, allowed)  # two key blocks at once
+    assert not ch09.spans_keys(
+        "transpose", (1, 2, 4, 48), 8, allowed
+    )  # k laid out, nothing computed
+    assert not ch09.spans_keys("mul", (1, 2, 40, 3), 8, allowed)  # every query's accumulator
+    assert not ch09.spans_keys("arange", (48,), 8, allowed)  # key positions, one axis

@@ -14,6 +14,15 @@ from course_utils.checks import ch02_convolution as ch02
 CONV = {"stride": 1, "padding": 1}
 
 
+def _conv(x, w, stride, padding):
+    """conv2d through unfold and a matmul: a graph without the forbidden F.conv2d."""
+    n, _, h, wd = x.shape
+    f, _, kh, kw = w.shape
+    cols = F.unfold(x, (kh, kw), padding=padding, stride=stride)  # (N, C*kh*kw, Ho*Wo)
+    ho, wo = (h + 2 * padding - kh) // stride + 1, (wd + 2 * padding - kw) // stride + 1
+    return (w.reshape(f, -1) @ cols).reshape(n, f, ho, wo)
+
+
 def _conv_backward_by(engine_route):
     """A conv2d_backward that gets its gradients from autograd through ``engine_route``."""
 
@@ -22,7 +31,9 @@ def _conv_backward_by(engine_route):
             xs = x.detach().requires_grad_(True)
             ws = weight.detach().requires_grad_(True)
             bs = None if bias is None else bias.detach().requires_grad_(True)
-            out = F.conv2d(xs, ws, bs, stride=stride, padding=padding)
+            out = _conv(xs, ws, stride, padding)
+            if bs is not None:
+                out = out + bs[:, None, None]
             inputs = (xs, ws) if bs is None else (xs, ws, bs)
             grads = engine_route(out, dout, inputs)
         dx, dw = grads[0], grads[1]
@@ -163,3 +174,16 @@ def test_code_fingerprint_sees_copies_not_lookalikes() -> None:
 
     assert invoke.code_fingerprint(own) != invoke.code_fingerprint(ref)
     assert invoke.code_fingerprint(42) == ""
+
+
+def test_a_backward_kernel_called_through_torch_ops_is_refused() -> None:
+    def bn_backward(dout, x, gamma, eps=1e-5):
+        mean, var = x.mean(0), x.var(0, unbiased=False)
+        invstd = (var + eps).rsqrt()
+        dx, dgamma, dbeta = torch.ops.aten.native_batch_norm_backward(
+            dout, x, gamma, None, None, mean, invstd, True, eps, [True, True, True]
+        )
+        return dx, dgamma, dbeta
+
+    with pytest.raises(cu.CheckFailure, match="backward kernel native_batch_norm_backward"):
+        cu.check("batchnorm_backward", bn_backward)

@@ -5,6 +5,7 @@ course_utils.nbval_mode fails any course/ check cell whose exercise is not pendi
 untouched student notebook is proven to run with every stub raising NotImplementedError.
 """
 
+import ast
 import re
 from pathlib import Path
 
@@ -110,3 +111,26 @@ def test_student_notebook_is_generated_and_has_no_solutions(path):
         assert "BEGIN SOLUTION" not in cell.source
         if cell.cell_type == "code":
             assert not cell.outputs
+
+
+@pytest.mark.parametrize("path", SOLUTIONS, ids=_ids(SOLUTIONS))
+def test_no_hidden_answer_is_a_gradable_exercise(path):
+    """Code in an exercise's hidden answer never defines something a graded check would pass."""
+    graded = {e.id for e in cu.exercises()} | {
+        m.group(1) for e in cu.exercises() if (m := re.match(r"class (\w+)", e.signature))
+    }
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type != "markdown":
+            continue
+        for answer in re.findall(r"<details>(.*?)</details>", cell.source, re.S):
+            for code in re.findall(r"```python\n(.*?)```", answer, re.S):
+                for node in ast.walk(ast.parse(code)):
+                    if isinstance(node, ast.ClassDef | ast.FunctionDef):
+                        assert node.name not in graded, f"{path.name}: answer defines {node.name}"
+                    if isinstance(node, ast.ClassDef):
+                        bases = " ".join(ast.unparse(b) for b in node.bases)
+                        assert "Function" not in bases and "Module" not in bases, (
+                            f"{path.name}: a hidden answer defines the class {node.name}({bases}), "
+                            "which a class exercise's check could pass"
+                        )

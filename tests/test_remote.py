@@ -125,22 +125,33 @@ def test_references_handed_in_fail_naming_the_reference(graded) -> None:
 
 
 # ---- backward exercises through hidden autograd engines, graded --------------------------------
+# The graphs are built through unfold and a matmul: F.conv2d itself is a forbidden call here.
+CONV = """
+def conv(x, w, stride, padding):
+    n, _, h, wd = x.shape
+    f, _, kh, kw = w.shape
+    cols = F.unfold(x, (kh, kw), padding=padding, stride=stride)
+    ho, wo = (h + 2 * padding - kh) // stride + 1, (wd + 2 * padding - kw) // stride + 1
+    return (w.reshape(f, -1) @ cols).reshape(n, f, ho, wo)
+"""
 ENGINES = {
-    "saved_run_backward": """
+    "saved_run_backward": CONV
+    + """
 from torch.autograd.variable import Variable
 _run = Variable._execution_engine.run_backward
 def conv2d_backward(dout, x, weight, bias, stride=1, padding=0):
     with torch.enable_grad():
         xs, ws = x.detach().requires_grad_(), weight.detach().requires_grad_()
-        out = F.conv2d(xs, ws, None, stride=stride, padding=padding)
+        out = conv(xs, ws, stride, padding)
         dx, dw = _run((out,), (dout,), False, False, (xs, ws), False, True)
     return dx, dw, (None if bias is None else dout.sum((0, 2, 3)))
 """,
-    "fresh_engine": """
+    "fresh_engine": CONV
+    + """
 def conv2d_backward(dout, x, weight, bias, stride=1, padding=0):
     with torch.enable_grad():
         xs, ws = x.detach().requires_grad_(), weight.detach().requires_grad_()
-        out = F.conv2d(xs, ws, None, stride=stride, padding=padding)
+        out = conv(xs, ws, stride, padding)
         dx, dw = torch._C._ImperativeEngine().run_backward(
             (out,), (dout,), False, False, (xs, ws), False, True)
     return dx, dw, (None if bias is None else dout.sum((0, 2, 3)))

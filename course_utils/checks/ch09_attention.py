@@ -964,6 +964,30 @@ class ShapeRecorder(TorchFunctionMode):
         return list(dict.fromkeys(self.shapes))
 
 
+#: Operations that only re-lay out or copy an existing tensor: k.transpose(-2, -1) spans every
+#: key but computes nothing over them, so it does not count as a tile of scores.
+LAYOUT_OPS = frozenset(
+    "transpose permute view reshape contiguous clone to double float half detach getitem "
+    "unsqueeze squeeze flatten expand expand_as movedim swapaxes select narrow split chunk "
+    "unbind t mT type type_as cpu".split()
+)
+
+
+def query_sizes(*dims: int) -> set[int]:
+    """Axis lengths that can only come from the batch, the queries or the head dims: products of ``dims``."""
+    sizes = {1}
+    for n in dims:
+        sizes |= {s * n for s in sizes}
+    return sizes
+
+
+def spans_keys(op: str, shape: tuple[int, ...], block_size: int, allowed: set[int]) -> bool:
+    """The key rule: a computed tensor of two or more axes, one over more than block_size keys."""
+    if op.strip("_") in LAYOUT_OPS or len(shape) < 2:
+        return False
+    return any(n > block_size and n not in allowed for n in shape)
+
+
 def too_big(shape: tuple[int, ...], batch: int, L: int, S: int, block_size: int) -> bool:
     """The memory rule: two axes longer than block_size, or at least batch*L*S/2 elements."""
     long_axes = sum(1 for n in shape if n > block_size)
@@ -1170,9 +1194,21 @@ def _check_flash_memory(t: Tester, causal: bool) -> None:
             case,
             f"the function built a tensor of shape {shape} (by {op}), as large as the full L x S = {L} x {S} "
             f"score matrix: it looks like naive full-matrix attention. FlashAttention never holds more than "
-            f"a block of scores: no tensor may have two axes longer than block_size={b}, nor "
-            f"{batch * L * S // 2} or more elements (half of batch x L x S). Loop over key blocks (and "
-            "query blocks) and keep a running maximum, sum and output per query.",
+            f"a block of scores: no tensor may span more than block_size={b} keys, have two axes longer "
+            f"than block_size, or hold {batch * L * S // 2} or more elements (half of batch x L x S). Loop "
+            "over key blocks (and query blocks) and keep a running maximum, sum and output per query.",
+        )
+    allowed = query_sizes(*cfg["batch"], L, cfg["d"], cfg["dv"])
+    wide = [(op, shape) for op, shape in shapes if spans_keys(op, shape, b, allowed)]
+    if wide:
+        op, shape = wide[0]
+        t.fail(
+            case,
+            f"the function built a tensor of shape {shape} (by {op}) that spans more than "
+            f"block_size={b} of the S = {S} keys: it looks like each query block was attended against "
+            "every key at once (an ordinary softmax, or scaled_dot_product_attention, per query "
+            f"block). FlashAttention takes the keys {b} at a time and merges the blocks with the "
+            "online softmax (a running maximum, sum and output per query).",
         )
     expected = _torch_sdpa(q, k, v, None, causal)
     _judge_output(t, case, got, expected, q.dtype, _flash_mistakes(q, k, v, b, causal, got))
