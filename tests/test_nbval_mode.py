@@ -65,7 +65,11 @@ def test_kernels_see_the_mode_and_other_tests_do_not(tmp_path: Path) -> None:
 def test_a_course_stub_that_does_not_raise_fails_its_check_cell(tmp_path: Path) -> None:
     setup = "import torch\nimport course_utils as cu"
     stub = 'def softmax(logits, dim=-1):\n    raise NotImplementedError("softmax: write me")'
-    leaked = "def softmax(logits, dim=-1):\n    return torch.softmax(logits, dim)"
+    leaked = (
+        "def softmax(logits, dim=-1):\n"
+        "    e = (logits - logits.amax(dim, keepdim=True)).exp()\n"
+        "    return e / e.sum(dim, keepdim=True)"
+    )
     check = 'cu.check("softmax", softmax)'
     (tmp_path / "course").mkdir()
     for name, body in (("01_honest", stub), ("01_leaked", leaked)):
