@@ -20,7 +20,7 @@ import torch
 from nbclient import NotebookClient
 from tqdm.auto import tqdm
 
-from .checking import check, exercises
+from .checking import check, exercises, references_allowed
 from .kernel import client_options
 
 NOTEBOOK_BUDGET_S = 60.0
@@ -60,7 +60,9 @@ def time_checks(seeds: int = 5) -> dict[str, float]:
         worst = 0.0
         for seed in range(seeds):
             start = time.perf_counter()
-            check(ex.id, ex.reference, seed=seed)
+            # The course's own measurement: its references stand in for a learner's answer.
+            with references_allowed():
+                check(ex.id, ex.reference, seed=seed)
             worst = max(worst, time.perf_counter() - start)
         out[ex.id] = worst
     return out

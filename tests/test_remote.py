@@ -81,6 +81,16 @@ gumbel_softmax = types.FunctionType(cu.reference("gumbel_softmax").__code__, glo
 """
 
 
+SHORTCUTS = """
+def softmax(logits, dim=-1):
+    return torch.softmax(logits, dim)
+def log_softmax(logits, dim=-1):
+    return F.log_softmax(logits, dim)
+def gumbel_softmax(logits, tau=1.0, hard=False, dim=-1):
+    return F.gumbel_softmax(logits, tau=tau, hard=hard, dim=dim)
+"""
+
+
 @pytest.fixture(scope="module")
 def graded(
     tmp_path_factory: pytest.TempPathFactory, solution_cells
@@ -93,6 +103,7 @@ def graded(
     for student, patch in FORGERIES.items():
         write(subs / student / name, notebook(CH01, IMPORTS, WRONG, patch))
     write(subs / "references" / name, notebook(CH01, IMPORTS, REFERENCES))
+    write(subs / "shortcuts" / name, notebook(CH01, IMPORTS, SHORTCUTS))
     results = grade.grade_dir(subs, root / "out" / "grades.csv", timeout=240, jobs=2, quiet=True)
     return {r.student: r for r in results}
 
@@ -122,6 +133,18 @@ def test_references_handed_in_fail_naming_the_reference(graded) -> None:
     assert {r["status"] for r in rows.values()} == {"failed"}, rows
     for row in rows.values():
         assert "reference" in row["message"], row
+
+
+@pytest.mark.slow
+def test_shortcuts_through_torch_fail_naming_the_call_when_graded(graded) -> None:
+    rows = {r["exercise"]: r for r in graded["shortcuts"].rows}
+    for exercise, call in (
+        ("softmax", "torch.softmax"),
+        ("log_softmax", "F.log_softmax"),
+        ("gumbel_softmax", "F.gumbel_softmax"),
+    ):
+        assert rows[exercise]["status"] == "failed", rows[exercise]
+        assert f"called {call}" in rows[exercise]["message"], rows[exercise]
 
 
 # ---- backward exercises through hidden autograd engines, graded --------------------------------
