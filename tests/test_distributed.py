@@ -130,15 +130,21 @@ def test_worlds_started_one_after_the_other_do_not_collide():
 
 
 def test_sync_batchnorm_statistics_match_batchnorm_on_the_whole_batch():
-    def sync_bn(rank: int, world_size: int, shards: list[torch.Tensor]) -> torch.Tensor:
+    def sync_bn(rank: int, world_size: int, shards: list[torch.Tensor]) -> dict:
         x = shards[rank]  # (N_r, C, H, W)
         count = torch.full((x.shape[1],), float(x.numel() // x.shape[1]), dtype=x.dtype)
         stats = torch.stack([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), count])  # (3, C)
         dist.all_reduce(stats)
         mean = stats[0] / stats[2]
         var = stats[1] / stats[2] - mean * mean
-        return (x - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + 1e-5)
+        y = (x - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + 1e-5)
+        return {"y": y, "mean": mean, "var": var}
 
-    x = torch.randn(5, 3, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    y = torch.cat(run_world(sync_bn, 2, [x[:2], x[2:]]))
-    torch.testing.assert_close(y, F.batch_norm(x, None, None, training=True, eps=1e-5))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, 2, 3, dtype=torch.float64, generator=gen) * 2 + 1
+    ranks = run_world(sync_bn, 2, [x[:2], x[2:]])  # unequal shards: 2 and 3 examples
+    want = F.batch_norm(x, None, None, training=True, eps=1e-5)
+    torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), want)
+    for r in ranks:
+        torch.testing.assert_close(r["mean"], x.mean((0, 2, 3)))
+        torch.testing.assert_close(r["var"], x.var((0, 2, 3), unbiased=False))
