@@ -1,6 +1,7 @@
 """run_world: forked gloo worlds that return every rank's result, or fail in one line, never hang."""
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -85,6 +86,29 @@ def test_a_rank_that_finished_is_named_in_the_closing_barrier():
         WorldError, match="rank 0 returned and is waiting .* rank 1 is waiting in dist.recv"
     ):
         run_world(rank1_waits_forever, 2, timeout=2)
+
+
+def test_a_hang_after_a_non_blocking_call_names_that_call():
+    def irecv_never_matched(rank: int, world_size: int) -> None:
+        if rank == 0:
+            dist.irecv(torch.zeros(1), src=1).wait()
+
+    with pytest.raises(
+        WorldError, match=r"rank 0 is running fn, after dist\.irecv\(src=1\) returned"
+    ):
+        run_world(irecv_never_matched, 2, timeout=1.5)
+
+
+def test_a_parent_with_other_threads_can_fork_a_world():
+    # a Jupyter kernel has heartbeat and IOPub threads; a busy thread here stands in for them
+    stop = threading.Event()
+    busy = threading.Thread(target=lambda: [torch.ones(64).sum() for _ in iter(stop.is_set, True)])
+    busy.start()
+    try:
+        assert run_world(_all_reduce_sum, 2, torch.ones(2, 3))[1].tolist() == [2.0, 2.0, 2.0]
+    finally:
+        stop.set()
+        busy.join()
 
 
 def test_the_first_rank_that_raises_is_reported_and_the_others_are_killed():
