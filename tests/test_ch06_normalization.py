@@ -869,17 +869,3 @@ def test_report_check_seconds(capsys):
             lines.append(f"{exercise_id:20s} {label:18s} {time.perf_counter() - start:.3f} s")
     with capsys.disabled():
         print("\n" + "\n".join(lines))
-
-
-def test_sync_batchnorm_statistics_match_batchnorm_on_the_whole_batch():
-    torch.manual_seed(0)
-    x = torch.randn(5, 3, 2, 3, dtype=torch.float64) * 2 + 1
-    try:
-        res = ch06.sync_batchnorm_statistics([x[:2], x[2:]])
-    except Exception as err:  # noqa: BLE001 - no process group on this machine is a skip, not a failure
-        pytest.skip(f"the gloo process group could not start: {err}")
-    want = F.batch_norm(x, None, None, training=True, eps=1e-5)
-    torch.testing.assert_close(res["y"], want)
-    for mean, var in zip(res["mean"], res["var"], strict=True):
-        torch.testing.assert_close(mean, x.mean((0, 2, 3)))
-        torch.testing.assert_close(var, x.var((0, 2, 3), unbiased=False))

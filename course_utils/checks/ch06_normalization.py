@@ -1,14 +1,7 @@
-"""Check batteries of chapter 06: BatchNorm forward and backward, LayerNorm, RMSNorm.
-
-Also holds the chapter's small SyncBatchNorm demonstration (`sync_batchnorm_statistics`),
-because ``torch.multiprocessing.spawn`` needs its worker function importable by name.
-"""
+"""Check batteries of chapter 06: BatchNorm forward and backward, LayerNorm, RMSNorm."""
 
 from __future__ import annotations
 
-import os
-import socket
-import tempfile
 from collections.abc import Callable
 
 import torch
@@ -910,71 +903,3 @@ def check_rmsnorm_forward(t: Tester) -> None:
         else:
             want = ref_rmsnorm_forward(x.double(), w.double(), eps).to(dtype)
         t.compare(case, "out", out, want, mistakes=_rms_mistakes(x, w, eps))
-
-
-# ---- SyncBatchNorm's statistics, on a 2-process gloo group --------------------------------
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _sync_bn_worker(rank: int, world_size: int, port: int, folder: str) -> None:
-    """One rank: local sums, all-reduced, then normalise the local shard with the global statistics."""
-    import datetime
-
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=20),
-    )
-    try:
-        x = torch.load(os.path.join(folder, f"shard{rank}.pt"))  # (N_r, C, H, W)
-        dims = (0, 2, 3)
-        count = torch.full((x.shape[1],), float(x.numel() // x.shape[1]), dtype=x.dtype)
-        stats = torch.stack([x.sum(dims), (x * x).sum(dims), count])  # (3, C)
-        dist.all_reduce(stats)  # sums over ranks: sum, sum of squares, count
-        total, total_sq, n = stats
-        mean = total / n
-        var = total_sq / n - mean * mean  # biased, as training BatchNorm normalises
-        y = (x - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + 1e-5)
-        torch.save(
-            {"y": y, "mean": mean, "var": var, "count": n}, os.path.join(folder, f"result{rank}.pt")
-        )
-    finally:
-        dist.destroy_process_group()
-
-
-def sync_batchnorm_statistics(shards: list[Tensor]) -> dict[str, object]:
-    """Run SyncBatchNorm's statistics over one gloo process per shard; gather what each rank computed.
-
-    shards: list of (N_r, C, H, W) float64 tensors, one per rank. Returns a dict with
-    ``y`` (the normalised shards concatenated along N), ``mean``, ``var`` and ``count``
-    per rank. Raises RuntimeError if the process group cannot start.
-    """
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as folder:
-        for r, shard in enumerate(shards):
-            torch.save(shard, os.path.join(folder, f"shard{r}.pt"))
-        # fork where the platform has it: the children need not import torch again (seconds)
-        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        mp.start_processes(
-            _sync_bn_worker,
-            args=(len(shards), _free_port(), folder),
-            nprocs=len(shards),
-            join=True,
-            start_method=method,
-        )
-        results = [torch.load(os.path.join(folder, f"result{r}.pt")) for r in range(len(shards))]
-    return {
-        "y": torch.cat([r["y"] for r in results]),
-        "mean": [r["mean"] for r in results],
-        "var": [r["var"] for r in results],
-        "count": [r["count"] for r in results],
-    }
