@@ -141,6 +141,8 @@ class Exercise:
     arg_names: tuple[str, ...]
     backward: bool = False
     forbidden: tuple[str, ...] = ()
+    budget: float = 2.0
+    """Seconds the check may take on its reference (2 s; distributed checks state 10 s)."""
 
     def forbidden_text(self) -> str:
         """The calls this exercise may not use, as a learner reads them ('' if none)."""
@@ -202,11 +204,16 @@ def exercise(
     reference: Callable[..., Any] | None = None,
     backward: bool = False,
     forbidden: tuple[str, ...] = (),
+    budget: float = 2.0,
 ) -> Callable[[Callable[[Tester], None]], Callable[[Tester], None]]:
     """Register the decorated function as the check battery of exercise ``id``.
 
     ``forbidden`` names the PyTorch operators the exercise rebuilds: a bare name
-    (``"softmax"``) forbids every form of it, a qualified one (``"F.unfold"``) that form only.
+    (``"softmax"``) forbids every form of it, a qualified one (``"F.unfold"``) that form only;
+    ``"dist.all_reduce"`` forbids a torch.distributed call and a dotted class path
+    (``"torch.nn.parallel.DistributedDataParallel"``) building that class (see ``invoke_world``).
+    ``budget`` is the seconds its check may take on one core (the contract's 2 s; 10 s for
+    distributed exercises), measured by ``course_utils.bench``.
     """
 
     def register(battery: Callable[[Tester], None]) -> Callable[[Tester], None]:
@@ -222,6 +229,7 @@ def exercise(
             _arg_names(signature),
             backward,
             tuple(forbidden),
+            float(budget),
         )
         return battery
 
