@@ -287,12 +287,39 @@ def _rank_main(
 
 
 def _untraced(call: Callable[..., Any]) -> Callable[..., Any]:
-    """The original torch.distributed function behind a traced one."""
-    return call.__wrapped__ if getattr(call, "_course_traced", False) else call
+    """The original torch.distributed function behind the course's recording wrappers."""
+    while getattr(call, "_course_traced", False):
+        call = call.__wrapped__
+    return call
+
+
+def _p2p_ops_accept_wrappers() -> None:
+    """Let ``dist.P2POp(dist.isend, ...)`` take a recording wrapper of isend/irecv.
+
+    P2POp and batch_isend_irecv compare ``op`` with c10d's own isend/irecv by identity, so a
+    wrapped ``dist.isend`` would be refused (or taken for a receive). The op is unwrapped
+    where it is stored; ``batch_isend_irecv`` itself is traced and counted instead.
+    """
+    c10d = dist.distributed_c10d
+    if getattr(c10d._check_op, "_course_unwraps", False):
+        return
+    check, init = c10d._check_op, c10d.P2POp.__init__
+
+    def check_op(op: Any) -> None:
+        check(_untraced(op))
+
+    @functools.wraps(init)
+    def p2p_init(self: Any, op: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, _untraced(op), *args, **kwargs)
+
+    check_op._course_unwraps = True
+    c10d._check_op = check_op
+    c10d.P2POp.__init__ = p2p_init
 
 
 def _trace_calls(note: Callable[[str], None]) -> None:
     """Replace torch.distributed's communication calls, in this rank only, by recording twins."""
+    _p2p_ops_accept_wrappers()
     for name in TRACED_CALLS:
         original = getattr(dist, name, None)
         if original is None or getattr(original, "_course_traced", False):
@@ -337,7 +364,7 @@ def _peer(signature: inspect.Signature | None, args: tuple, kwargs: dict) -> str
 
 # ---- counting communication ----------------------------------------------------------------
 #: The torch.distributed calls a CommCounter counts.
-COUNTED_CALLS = tuple(c for c in TRACED_CALLS if c not in ("barrier", "batch_isend_irecv"))
+COUNTED_CALLS = tuple(c for c in TRACED_CALLS if c != "barrier")
 
 
 def _nbytes(x: Any) -> int:
@@ -368,6 +395,11 @@ def _ring_cost(op: str, a: dict[str, Any], rank: int, p: int) -> tuple[Any, int]
 
     if op in ("send", "isend"):
         return a["tensor"], _nbytes(a["tensor"])
+    if op == "batch_isend_irecv":  # the ops were unwrapped when built: count the sends here
+        sends = [
+            o.tensor for o in a["p2p_op_list"] if _untraced(o.op) is dist.distributed_c10d.isend
+        ]
+        return [o.tensor for o in a["p2p_op_list"]], _nbytes(sends)
     if op in ("recv", "irecv"):
         return a["tensor"], 0
     if op == "all_reduce":  # reduce-scatter then all-gather: 2(p-1) chunks of n/p
@@ -426,6 +458,7 @@ class CommCounter:
         self._saved: list[tuple[str, Any]] = []
 
     def __enter__(self) -> CommCounter:
+        _p2p_ops_accept_wrappers()
         for name in COUNTED_CALLS:
             original = getattr(dist, name, None)
             if original is not None:
@@ -471,6 +504,7 @@ class CommCounter:
                 pass  # a call torch itself will reject: let torch say why
             return original(*args, **kwargs)
 
+        counted._course_traced = True  # a recording wrapper: P2POp and _untraced see through it
         return counted
 
     def total(self, label: str | None = None, op: str | None = None) -> int:

@@ -219,3 +219,24 @@ def _counter_leaves_dist_as_it_was(rank: int, world_size: int) -> bool:
 
 def test_comm_counter_restores_torch_distributed():
     assert run_world(_counter_leaves_dist_as_it_was, 2) == [True, True]
+
+
+def _batched_ring(rank: int, world_size: int) -> tuple[torch.Tensor, dict]:
+    from course_utils.distributed import CommCounter
+
+    with CommCounter() as comm:
+        got = torch.empty(4)
+        ops = [
+            dist.P2POp(dist.isend, torch.full((4,), float(rank)), (rank + 1) % world_size),
+            dist.P2POp(dist.irecv, got, (rank - 1) % world_size),
+        ]
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+    return got, comm.by_op()
+
+
+def test_batched_p2p_ops_work_through_the_tracer_and_are_counted_once():
+    # P2POp checks its op against c10d's own isend by identity: the wrappers must not break it
+    for rank, (got, by_op) in enumerate(run_world(_batched_ring, 3)):
+        assert torch.equal(got, torch.full((4,), float((rank - 1) % 3)))
+        assert by_op == {"batch_isend_irecv": 16}
