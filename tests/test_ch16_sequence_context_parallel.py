@@ -11,20 +11,16 @@ from __future__ import annotations
 
 import math
 import re
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from launch import torchrun
 
 import course_utils as cu
 from course_utils.checks import ch16_sequence_context_parallel as ch16
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -177,7 +173,9 @@ def test_batch_isend_irecv_passes():
         report = cu.check("ring_attention_forward", ring_batched, seed=4)
     except cu.CheckFailure as failure:
         if "P2POp" in str(failure) or "Invalid ``op``" in str(failure):
-            pytest.xfail("the world's call tracing wraps dist.isend, which P2POp refuses (shared fix)")
+            pytest.xfail(
+                "the world's call tracing wraps dist.isend, which P2POp refuses (shared fix)"
+            )
         raise
     assert report.passed
 
@@ -217,7 +215,9 @@ def _ring(q, k, v, is_causal=False, *, rescale=True, mask="global", believed=-1,
         if not skip:
             s = q @ kc.transpose(-2, -1) * sc
             if is_causal and mask == "global":
-                s = s.masked_fill(src * n + torch.arange(n)[None, :] > r * n + torch.arange(n)[:, None], -math.inf)
+                s = s.masked_fill(
+                    src * n + torch.arange(n)[None, :] > r * n + torch.arange(n)[:, None], -math.inf
+                )
             elif is_causal:
                 s = s.masked_fill(local, -math.inf)
             m_new = torch.maximum(m, s.amax(-1, keepdim=True))
@@ -297,9 +297,17 @@ def concatenate_everything(q, k, v, is_causal=False):
             kc, vc = kn, vn
     k_all, v_all = torch.cat(ks, -2), torch.cat(vs, -2)  # (..., L, d): the whole sequence
     m, ell, acc = _start(q, v.shape[-1])
-    m, ell, acc = _merge(m, ell, acc, _scores(q, k_all, r, 0, n, False) if not is_causal else
-                         _scores(q, k_all, r, 0, n, False).masked_fill(
-                             torch.arange(p * n)[None, :] > r * n + torch.arange(n)[:, None], -math.inf), v_all)
+    m, ell, acc = _merge(
+        m,
+        ell,
+        acc,
+        _scores(q, k_all, r, 0, n, False)
+        if not is_causal
+        else _scores(q, k_all, r, 0, n, False).masked_fill(
+            torch.arange(p * n)[None, :] > r * n + torch.arange(n)[:, None], -math.inf
+        ),
+        v_all,
+    )
     return acc / ell
 
 
@@ -323,7 +331,9 @@ def test_deadlock_names_rank_and_operation():
     with pytest.raises(cu.CheckFailure) as info:
         cu.check("ring_attention_forward", deadlock)
     text = str(info.value)
-    assert "deadlock" in text and re.search(r"rank \d is waiting in dist\.recv\(src=\d\)", text), text
+    assert "deadlock" in text and re.search(r"rank \d is waiting in dist\.recv\(src=\d\)", text), (
+        text
+    )
     assert time.perf_counter() - start < 15
 
 
@@ -372,10 +382,19 @@ def test_contract_and_forbidden_calls():
     ex = cu.checking.get_exercise("ring_attention_forward")
     assert ex.arg_names == ("q", "k", "v", "is_causal")
     assert ex.chapter == "16_sequence_context_parallel"
-    for name in ("dist.all_gather", "dist.all_reduce", "dist.broadcast", "dist.reduce_scatter_tensor",
-                 "dist.all_to_all_single", "dist.reduce", "scaled_dot_product_attention"):
+    for name in (
+        "dist.all_gather",
+        "dist.all_reduce",
+        "dist.broadcast",
+        "dist.reduce_scatter_tensor",
+        "dist.all_to_all_single",
+        "dist.reduce",
+        "scaled_dot_product_attention",
+    ):
         assert name in ex.forbidden
-    assert not any(n in ex.forbidden for n in ("dist.send", "dist.recv", "dist.isend", "dist.irecv"))
+    assert not any(
+        n in ex.forbidden for n in ("dist.send", "dist.recv", "dist.isend", "dist.irecv")
+    )
 
 
 def test_check_fits_its_budget():
@@ -401,14 +420,6 @@ def test_memory_rule_separates_chunks_from_the_sequence():
 # The torchrun script
 # =====================================================================================
 def test_torchrun_script_runs_on_two_cpu_ranks():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", str(port), "-m", "course_utils.scripts.ch16_ring_attention"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=90,
-                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    done = torchrun("course_utils.scripts.ch16_ring_attention", nproc=2, timeout=90)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "ring attention matches serial attention" in done.stdout, done.stdout

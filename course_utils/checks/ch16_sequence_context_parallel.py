@@ -135,7 +135,9 @@ def _ring_model(
             s = qr @ k[..., held * n : (held + 1) * n, :].transpose(-2, -1) * sc
             vh = v[..., held * n : (held + 1) * n, :]
             if causal and mask == "global":
-                s = s.masked_fill(src * n + torch.arange(n)[None, :] > r * n + torch.arange(n)[:, None], -math.inf)
+                s = s.masked_fill(
+                    src * n + torch.arange(n)[None, :] > r * n + torch.arange(n)[:, None], -math.inf
+                )
             elif causal:
                 s = s.masked_fill(local, float("-inf"))
             if per_chunk:
@@ -176,7 +178,9 @@ PER_CHUNK = (
 CAUSAL_IGNORED = "is_causal was ignored: every query attended to every key."
 
 
-def _mistakes(q: Tensor, k: Tensor, v: Tensor, p: int, causal: bool) -> list[tuple[str, Callable[[], Tensor]]]:
+def _mistakes(
+    q: Tensor, k: Tensor, v: Tensor, p: int, causal: bool
+) -> list[tuple[str, Callable[[], Tensor]]]:
     """(sentence, lazy full-length output) for each mistake this case can show."""
 
     def model(**kw: Any) -> Callable[[], Tensor]:
@@ -217,7 +221,9 @@ class SequenceRecorder(TorchFunctionMode):
         return out
 
 
-def probe_shapes(fn: Callable[..., Any], q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False) -> dict:
+def probe_shapes(
+    fn: Callable[..., Any], q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False
+) -> dict:
     """Inside a rank: call ``fn`` under a SequenceRecorder; its output and every shape it computed."""
     recorder = SequenceRecorder()
     with recorder:
@@ -253,7 +259,16 @@ def _cases(t: Tester) -> list[tuple[int, tuple[int, ...], int, int, int, bool, t
     ]
 
 
-def _describe(p: int, batch: tuple[int, ...], n: int, d: int, dv: int, causal: bool, dtype: torch.dtype, big: float) -> str:
+def _describe(
+    p: int,
+    batch: tuple[int, ...],
+    n: int,
+    d: int,
+    dv: int,
+    causal: bool,
+    dtype: torch.dtype,
+    big: float,
+) -> str:
     lead = ",".join(map(str, batch))
     lead = f"{lead}," if lead else ""
     extreme = ", extreme scores of magnitude ~1e4" if big != 1.0 else ""
@@ -267,10 +282,14 @@ def _split(x: Tensor, p: int) -> list[Tensor]:
     return [c.clone() for c in x.chunk(p, -2)]
 
 
-def _judge(t: Tester, case: str, outs: list[Any], q: Tensor, k: Tensor, v: Tensor, p: int, causal: bool) -> None:
+def _judge(
+    t: Tester, case: str, outs: list[Any], q: Tensor, k: Tensor, v: Tensor, p: int, causal: bool
+) -> None:
     n = q.shape[-2] // p
     with torch.no_grad():
-        expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=causal)
+        expected = F.scaled_dot_product_attention(
+            q.double(), k.double(), v.double(), is_causal=causal
+        )
     models = _mistakes(q, k, v, p, causal)
     cache: dict[int, Tensor | None] = {}
 
@@ -311,6 +330,7 @@ def _judge(t: Tester, case: str, outs: list[Any], q: Tensor, k: Tensor, v: Tenso
         "the whole sequence"
     ),
     reference=ref_ring_attention_forward,
+    budget=10.0,
 )
 def check_ring_attention_forward(t: Tester) -> None:
     """Worlds of 1-4 ranks, leading dims of several shapes (none too), dv != d, causal, float32; memory rule."""

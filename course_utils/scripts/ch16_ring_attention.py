@@ -63,7 +63,9 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
         src = (rank - step) % p  # step 0 is the diagonal chunk, so m is finite from then on
         s = q @ kv[..., :d].transpose(-2, -1) / math.sqrt(d)
         s = s.masked_fill(src * n + torch.arange(n)[None, :] > rows, -math.inf)
-        m_new = torch.maximum(m, s.amax(-1, keepdim=True)).detach()  # any shift gives the same result
+        m_new = torch.maximum(
+            m, s.amax(-1, keepdim=True)
+        ).detach()  # any shift gives the same result
         pb, alpha = torch.exp(s - m_new), torch.exp(m - m_new)
         ell = alpha * ell + pb.sum(-1, keepdim=True)
         acc = alpha * acc + pb @ kv[..., d:]
