@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checking import CheckFailure, Tester, exercise
+from ..gradcheck import compare
 
 CHAPTER = "15_tensor_parallel"
 Tensor = torch.Tensor
@@ -29,7 +30,9 @@ Tensor = torch.Tensor
 GATHERS = (
     "dist.all_gather",
     "dist.all_gather_into_tensor",
+    "dist.all_gather_object",
     "dist.gather",
+    "dist.gather_object",
     "dist.all_to_all",
     "dist.all_to_all_single",
     "dist.send",
@@ -37,6 +40,7 @@ GATHERS = (
     "dist.isend",
     "dist.irecv",
     "dist.broadcast",
+    "dist.broadcast_object_list",
 )
 #: PyTorch's fused losses: the exercise builds the cross-entropy itself.
 LOSS_OPS = ("cross_entropy", "log_softmax", "logsumexp", "softmax", "nll_loss")
@@ -191,7 +195,9 @@ def _shard_mistakes(
     no_offset = torch.zeros_like(m)
     for sh, (s, e) in zip(shards, bounds, strict=True):
         fits = (target >= s) & (target < e) & (target < e - s)
-        no_offset = no_offset + torch.where(fits, (sh - m[:, None])[rows, target.clamp(0, e - s - 1)], 0.0)
+        no_offset = no_offset + torch.where(
+            fits, (sh - m[:, None])[rows, target.clamp(0, e - s - 1)], 0.0
+        )
     local_shift = "each rank shifted by its own shard's maximum; the shift must be the maximum over the whole vocabulary: all-reduce the local row maxima with op=dist.ReduceOp.MAX first."
     return [
         (local_shift, torch.log(s_local) - (true_t - owner_max)),
@@ -280,12 +286,26 @@ def _check_vocab_case(
                 "by the row's maximum over the whole vocabulary (all-reduce the local maxima with "
                 "op=dist.ReduceOp.MAX) before exponentiating, not by this shard's own maximum.",
             )
+    # A mistake is named only when it explains every rank's answer: on one rank alone two
+    # mistakes can coincide (on rank 0, whose vocab_start is 0, the offset does not matter).
+    models = [_shard_mistakes(logits, target, bounds, rank) for rank in range(p)]
+    rtol, atol = t.tolerances(dtype, float(expected.abs().max()))
+    named = [
+        i
+        for i in range(len(models[0]))
+        if all(
+            compare(got.double(), models[r][i][1], max(rtol, 1e-6), atol * 10).ok
+            for r, got in enumerate(outs)
+        )
+    ]
+    for rank, got in enumerate(outs):
         t.compare(
-            where,
+            f"{case}, rank {rank}",
             "loss",
             got,
             expected.to(dtype),
-            mistakes=_shard_mistakes(logits, target, bounds, rank),
+            mistakes=[models[rank][i] for i in named[:1]],
+            generic_hints=not named,
         )
     first = outs[0]
     for rank, got in enumerate(outs[1:], start=1):
@@ -407,6 +427,24 @@ def _find(
     return found[0]
 
 
+def _expected_shards(
+    w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, ref: dict, rows: slice
+) -> dict[str, tuple[tuple[int, ...], Tensor, Tensor, str]]:
+    """Per parameter: (shard shape, shard values, shard of the serial gradient, description)."""
+    span = f"{rows.start}:{rows.stop}"
+    return {
+        "weight1": (tuple(w1[rows].shape), w1[rows], ref["dw1"][rows], f"rows {span} of weight1"),
+        "bias1": (tuple(b1[rows].shape), b1[rows], ref["db1"][rows], f"entries {span} of bias1"),
+        "weight2": (
+            tuple(w2[:, rows].shape),
+            w2[:, rows],
+            ref["dw2"][:, rows],
+            f"columns {span} of weight2",
+        ),
+        "bias2": (tuple(b2.shape), b2, ref["db2"], "all of bias2"),
+    }
+
+
 def _check_mlp_case(
     t: Tester, p: int, batch: tuple[int, ...], h: int, f: int, dtype: torch.dtype
 ) -> None:
@@ -418,11 +456,15 @@ def _check_mlp_case(
     outs = t.world(case, p, args, probe=probe_parallel_mlp)
     ref = _mlp_serial(w1, b1, w2, b2, x, dy)
     width = f // p
+    if width == h:  # the shapes alone would not tell bias1's shard from bias2
+        raise ValueError(f"MLP case with F/p == H ({width}) cannot name the shards")
     shape = (*batch, h)
     for rank, out in enumerate(outs):
         where = f"{case}, rank {rank}"
         if "not_module" in out:
-            t.fail(where, f"ParallelMLP(...) should be an nn.Module, but it is a {out['not_module']}.")
+            t.fail(
+                where, f"ParallelMLP(...) should be an nn.Module, but it is a {out['not_module']}."
+            )
         if out.get("no_graph"):
             t.fail(
                 where,
@@ -430,6 +472,20 @@ def _check_mlp_case(
                 "parameters with autograd on (no torch.no_grad, no .detach()).",
             )
         rows = slice(rank * width, (rank + 1) * width)
+        expect = _expected_shards(w1, b1, w2, b2, ref, rows)
+        for shape_p, value, _, desc in expect.values():
+            name, got_value, _ = _find(t, where, out["params"], shape_p, desc)
+            if not torch.equal(got_value, value):
+                t.fail(
+                    where,
+                    f"parameter `{name}` should hold {desc} (rank {rank} of {p} keeps the "
+                    f"{rank}-th of {p} equal shards), but its values differ from them.",
+                )
+        t.ok(where, "parameter shards", "ok (exact)")
+    for rank, out in enumerate(outs):  # shards first on every rank, then the numbers
+        where = f"{case}, rank {rank}"
+        rows = slice(rank * width, (rank + 1) * width)
+        expect = _expected_shards(w1, b1, w2, b2, ref, rows)
         # this rank's partial product, before the forward all-reduce
         z1 = x.double() @ w1[rows].double().T + b1[rows].double()
         partial = F.gelu(z1) @ w2[:, rows].double().T
@@ -464,7 +520,10 @@ def _check_mlp_case(
                     "layer (g). f is the identity in the forward pass.",
                 )
         if out["dx"] is None:
-            t.fail(where, "the input x received no gradient: the output must depend on x through autograd.")
+            t.fail(
+                where,
+                "the input x received no gradient: the output must depend on x through autograd.",
+            )
         z1g = z1.clone().requires_grad_(True)
         (gelu_grad,) = torch.autograd.grad(F.gelu(z1g).sum(), z1g)
         partial_dx = ((dy.double() @ w2[:, rows].double()) * gelu_grad) @ w1[rows].double()
@@ -495,22 +554,8 @@ def _check_mlp_case(
                 "Megatron's MLP makes exactly one, an all-reduce of the input's gradient (f's "
                 "backward); g's backward is the identity.",
             )
-        expect = {
-            "weight1": ((width, h), w1[rows], ref["dw1"][rows], f"rows {rows.start}:{rows.stop} of weight1"),
-            "bias1": ((width,), b1[rows], ref["db1"][rows], f"entries {rows.start}:{rows.stop} of bias1"),
-            "weight2": ((h, width), w2[:, rows], ref["dw2"][:, rows], f"columns {rows.start}:{rows.stop} of weight2"),
-            "bias2": ((h,), b2, ref["db2"], "all of bias2"),
-        }
-        if width == h:  # the shapes alone would not tell bias1's shard from bias2
-            raise ValueError(f"MLP case with F/p == H ({width}) cannot name the shards")
-        for what, (shape_p, value, grad, desc) in expect.items():
-            name, got_value, got_grad = _find(t, where, out["params"], shape_p, desc)
-            if not torch.equal(got_value, value):
-                t.fail(
-                    where,
-                    f"parameter `{name}` should hold {desc} (rank {rank} of {p} keeps the "
-                    f"{rank}-th of {p} equal shards), but its values differ from them.",
-                )
+        for what, (shape_p, _, grad, desc) in expect.items():
+            name, _, got_grad = _find(t, where, out["params"], shape_p, desc)
             if got_grad is None:
                 t.fail(where, f"parameter `{name}` ({what}'s shard) received no gradient.")
             t.compare(
