@@ -278,79 +278,86 @@ class _Copy(torch.autograd.Function):
     """f: identity forward, all-reduce backward (async handle waited on)."""
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, group=None):
+        ctx.group = group
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, g):
         g = g.clone()
-        dist.all_reduce(g, async_op=True).wait()
-        return g
+        dist.all_reduce(g, group=ctx.group, async_op=True).wait()
+        return g, None
 
 
 class _Reduce(torch.autograd.Function):
     """g: all-reduce forward, identity backward."""
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, group=None):
+        ctx.group = group
         x = x.clone()
-        dist.all_reduce(x)
+        dist.all_reduce(x, group=group)
         return x
 
     @staticmethod
     def backward(ctx, g):
-        return g
+        return g, None
 
 
 class _ReduceBoth(_Reduce):
     @staticmethod
     def backward(ctx, g):
         g = g.clone()
-        dist.all_reduce(g)
-        return g
+        dist.all_reduce(g, group=ctx.group)
+        return g, None
 
 
 class _Column(nn.Module):
-    def __init__(self, w, b):
+    def __init__(self, w, b, group):
         super().__init__()
-        r, p = dist.get_rank(), dist.get_world_size()
+        r, p = dist.get_rank(group), dist.get_world_size(group)
         if w.shape[0] % p:
             raise ValueError(f"F={w.shape[0]} is not divisible by world size {p}")
+        self.group = group
         self.weight = nn.Parameter(w.chunk(p)[r].clone())
         self.bias = nn.Parameter(b.chunk(p)[r].clone())
 
     def forward(self, x):
-        return F.linear(_Copy.apply(x), self.weight, self.bias)
+        return F.linear(_Copy.apply(x, self.group), self.weight, self.bias)
 
 
 class _Row(nn.Module):
-    def __init__(self, w, b):
+    def __init__(self, w, b, group):
         super().__init__()
-        r, p = dist.get_rank(), dist.get_world_size()
+        self.group = group
+        r, p = dist.get_rank(group), dist.get_world_size(group)
         self.weight = nn.Parameter(w.chunk(p, dim=1)[r].clone())
         self.bias = nn.Parameter(b.clone())
 
     def forward(self, h):
-        return _Reduce.apply(F.linear(h, self.weight)) + self.bias
+        return _Reduce.apply(F.linear(h, self.weight), self.group) + self.bias
 
 
 class MLPModules(nn.Module):
     """Column and row layers as submodules, F.linear, chunk()."""
 
-    def __init__(self, weight1, bias1, weight2, bias2):
+    def __init__(self, weight1, bias1, weight2, bias2, group=None):
         super().__init__()
-        self.fc1 = _Column(weight1, bias1)
-        self.fc2 = _Row(weight2, bias2)
+        self.fc1 = _Column(weight1, bias1, group)
+        self.fc2 = _Row(weight2, bias2, group)
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-def _mlp_class(copy=_Copy, reduce=_Reduce, bias_before=False, shard=None, check_divides=True):
+def _mlp_class(
+    copy=_Copy, reduce=_Reduce, bias_before=False, shard=None, check_divides=True, grouped=True
+):
     class MLP(nn.Module):
-        def __init__(self, weight1, bias1, weight2, bias2):
+        def __init__(self, weight1, bias1, weight2, bias2, group=None):
             super().__init__()
-            r, p = dist.get_rank(), dist.get_world_size()
+            self.group = group if grouped else None
+            r, p = dist.get_rank(self.group), dist.get_world_size(self.group)
             if check_divides and weight1.shape[0] % p:
                 raise ValueError(f"world size {p} does not divide F={weight1.shape[0]}")
             k = weight1.shape[0] // p
@@ -361,30 +368,30 @@ def _mlp_class(copy=_Copy, reduce=_Reduce, bias_before=False, shard=None, check_
             self.b2 = nn.Parameter(bias2.clone())
 
         def forward(self, x):
-            h = F.gelu(copy.apply(x) @ self.w1.T + self.b1)
+            h = F.gelu(copy.apply(x, self.group) @ self.w1.T + self.b1)
             if bias_before:
-                return reduce.apply(h @ self.w2.T + self.b2)
-            return reduce.apply(h @ self.w2.T) + self.b2
+                return reduce.apply(h @ self.w2.T + self.b2, self.group)
+            return reduce.apply(h @ self.w2.T, self.group) + self.b2
 
     return MLP
 
 
 class _Identity(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, group=None):
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, g):
-        return g
+        return g, None
 
 
 class MLPGather(nn.Module):
     """Gathers the hidden layer and runs fc2 serially: forbidden in this exercise."""
 
-    def __init__(self, weight1, bias1, weight2, bias2):
+    def __init__(self, weight1, bias1, weight2, bias2, group=None):
         super().__init__()
-        self.inner = _mlp_class()(weight1, bias1, weight2, bias2)
+        self.inner = _mlp_class()(weight1, bias1, weight2, bias2, group)
         self.full_w2 = weight2
 
     def forward(self, x):
@@ -408,6 +415,7 @@ MLP_MISTAKES = [
     (_mlp_class(shard=0), "should hold rows"),
     (_mlp_class(check_divides=False), "built without complaint"),
     (MLPGather, "all_gather"),
+    (_mlp_class(grouped=False), "instead of the tensor-parallel group"),
 ]
 
 
@@ -423,6 +431,7 @@ MLP_MISTAKES = [
         "wrong_shard",
         "no_error",
         "gather",
+        "group_ignored",
     ],
 )
 def test_mlp_mistakes_are_named(cls, phrase):

@@ -87,9 +87,17 @@ def ref_vocab_parallel_cross_entropy(
 class RefParallelMLP(nn.Module):
     """Megatron's MLP on the default group: column-parallel fc1, GELU, row-parallel fc2."""
 
-    def __init__(self, weight1: Tensor, bias1: Tensor, weight2: Tensor, bias2: Tensor) -> None:
+    def __init__(
+        self,
+        weight1: Tensor,
+        bias1: Tensor,
+        weight2: Tensor,
+        bias2: Tensor,
+        group: dist.ProcessGroup | None = None,
+    ) -> None:
         super().__init__()
-        rank, world = dist.get_rank(), dist.get_world_size()
+        self.group = group
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
         width = even_shard(weight1.shape[0], world, "MLP hidden size (weight1.shape[0])")
         rows = slice(rank * width, (rank + 1) * width)
         self.w1 = nn.Parameter(weight1[rows].clone())  # (F/p, H)
@@ -98,36 +106,37 @@ class RefParallelMLP(nn.Module):
         self.b2 = nn.Parameter(bias2.clone())  # (H,) whole on every rank
 
     def forward(self, x: Tensor) -> Tensor:
-        h = F.gelu(_RefCopy.apply(x) @ self.w1.T + self.b1)  # (..., F/p)
-        return _RefReduce.apply(h @ self.w2.T) + self.b2  # (..., H)
+        h = F.gelu(_RefCopy.apply(x, self.group) @ self.w1.T + self.b1)  # (..., F/p)
+        return _RefReduce.apply(h @ self.w2.T, self.group) + self.b2  # (..., H)
 
 
 class _RefCopy(torch.autograd.Function):
     """f: identity forward, all-reduce backward."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
+    def forward(ctx: Any, x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+        ctx.group = group
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 class _RefReduce(torch.autograd.Function):
     """g: all-reduce forward, identity backward."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
+    def forward(ctx: Any, x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
         x = x.clone()
-        dist.all_reduce(x)
+        dist.all_reduce(x, group=group)
         return x
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        return grad
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
 
 
 @contextlib.contextmanager
@@ -385,6 +394,26 @@ def probe_parallel_mlp(
     return out
 
 
+def probe_parallel_mlp_grid(
+    cls: type, weight1: Tensor, bias1: Tensor, weight2: Tensor, bias2: Tensor, x: Tensor, dy: Tensor
+) -> dict[str, Any]:
+    """Inside one rank of 4: tensor-parallel groups {0, 1} and {2, 3}; the MLP on this rank's pair."""
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    group = pairs[dist.get_rank() // 2]
+    module = cls(weight1, bias1, weight2, bias2, group=group)
+    xin = x.clone().requires_grad_(True)
+    y = module(xin)
+    (y * dy).sum().backward()
+    return {
+        "y": y.detach(),
+        "dx": None if xin.grad is None else xin.grad.detach(),
+        "params": [
+            (n, p.detach().clone(), None if p.grad is None else p.grad.detach().clone())
+            for n, p in module.named_parameters()
+        ],
+    }
+
+
 def probe_parallel_mlp_uneven(
     cls: type, weight1: Tensor, bias1: Tensor, weight2: Tensor, bias2: Tensor
 ) -> str:
@@ -574,12 +603,75 @@ def _check_mlp_case(
         t.expect_tensor(where, "output", out["y"], shape=shape, dtype=dtype)
 
 
+def _check_mlp_grid(t: Tester) -> None:
+    """World of 4 as two tensor-parallel pairs {0, 1} and {2, 3}, each on its own input."""
+    h, f = 5, 12
+    case = (
+        f"world of 4 split into tensor-parallel groups [0, 1] and [2, 3] (group=...), H={h}, F={f}"
+    )
+    w1, b1, w2, b2 = t.randn(f, h, scale=0.5), t.randn(f), t.randn(h, f, scale=0.5), t.randn(h)
+    xs = [t.randn(3, h) for _ in range(2)]
+    dys = [t.randn(3, h) for _ in range(2)]
+    args = [(w1, b1, w2, b2, xs[r // 2], dys[r // 2]) for r in range(4)]
+    try:
+        outs = t.world(case, 4, args, probe=probe_parallel_mlp_grid)
+    except CheckFailure as err:
+        if "group" in str(err) and "argument" in str(err):
+            raise CheckFailure(
+                f"{err} ParallelMLP takes an optional `group` (the tensor-parallel process "
+                "group; None means the default group) and passes it to every collective and to "
+                "dist.get_rank(group) / dist.get_world_size(group)."
+            ) from None
+        raise
+    for rank, out in enumerate(outs):
+        ref = _mlp_serial(w1, b1, w2, b2, xs[rank // 2], dys[rank // 2])
+        where = f"{case}, rank {rank} (rank {rank % 2} of its group)"
+        rows = slice((rank % 2) * (f // 2), (rank % 2 + 1) * (f // 2))
+        if any(tuple(v.shape) == (f // 4, h) for _, v, _ in out["params"]):
+            t.fail(
+                where,
+                f"weight1's shard has {f // 4} rows, a quarter of F={f}: the shards were cut for "
+                "the whole world of 4 instead of the tensor-parallel group of 2. Use "
+                "dist.get_rank(group) and dist.get_world_size(group), and pass group=... to every "
+                "collective, so that it runs over the tensor-parallel group instead of the "
+                "whole world.",
+            )
+        for shape_p, value, grad, desc in _expected_shards(w1, b1, w2, b2, ref, rows).values():
+            name, got_value, got_grad = _find(t, where, out["params"], shape_p, desc)
+            if not torch.equal(got_value, value):
+                t.fail(
+                    where,
+                    f"parameter `{name}` should hold {desc}: the rank within the group "
+                    "(dist.get_rank(group)) picks the shard, not the global rank.",
+                )
+            if got_grad is None:
+                t.fail(where, f"parameter `{name}` received no gradient.")
+            t.compare(where, f"grad of `{name}`", got_grad, grad)
+        t.compare(
+            where,
+            "output",
+            out["y"],
+            ref["y"],
+            mistakes=[
+                (
+                    "the all-reduces ran over the whole world instead of the tensor-parallel "
+                    "group: pass group=... to every collective.",
+                    _mlp_serial(w1, b1, w2, b2, xs[0], dys[0])["y"]
+                    + _mlp_serial(w1, b1, w2, b2, xs[1], dys[1])["y"]
+                    - b2,
+                )
+            ],
+        )
+        t.compare(where, "dx (gradient of the input)", out["dx"], ref["dx"])
+
+
 @exercise(
     "parallel_mlp",
     chapter=CHAPTER,
     signature="class ParallelMLP(nn.Module): __init__(weight1 (F,H), bias1 (F,), weight2 (H,F), "
-    "bias2 (H,)), forward(x (..., H)) -> (..., H)",
-    summary="class ParallelMLP: Megatron's MLP gelu(x W1^T + b1) W2^T + b2 on the default group; "
+    "bias2 (H,), group=None), forward(x (..., H)) -> (..., H)",
+    summary="class ParallelMLP: Megatron's MLP gelu(x W1^T + b1) W2^T + b2 on the process group "
+    "`group` (None: the default group); "
     "rank r keeps rows [rF/p, (r+1)F/p) of weight1 and bias1 and those columns of weight2 as "
     "parameters, bias2 whole; one all-reduce forward (g), one backward (f); ValueError when the "
     "world size does not divide F",
@@ -591,6 +683,7 @@ def check_parallel_mlp(t: Tester) -> None:
     with _one_thread():
         for config in MLP_CASES:
             _check_mlp_case(t, *config)
+        _check_mlp_grid(t)
         f, h = 8, 5
         case = f"world of 3, H={h}, F={f} (3 does not divide F)"
         w1, b1, w2, b2 = t.randn(f, h), t.randn(f), t.randn(h, f), t.randn(h)
