@@ -8,11 +8,7 @@ full weights, forward and backward; and the torchrun script trains the same mode
 
 from __future__ import annotations
 
-import os
-import re
-import socket
-import subprocess
-import sys
+import ast
 from pathlib import Path
 
 import nbformat
@@ -21,11 +17,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from launch import torchrun
 from torch import nn
 
 import course_utils as cu
 from course_utils.checks import ch15_tensor_parallel as ch15
-from course_utils.distributed import run_world
+from course_utils.distributed import WorldError, run_world
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1, 2)
@@ -442,19 +439,33 @@ def test_mlp_mistakes_are_named(cls, phrase):
 # =====================================================================================
 # The notebook's parallel layers against their serial twins
 # =====================================================================================
+def _definitions(source: str) -> str:
+    """The imports, functions, classes and UPPER_CASE constants of a cell: no demo runs."""
+    tree = ast.parse(source.replace("%matplotlib inline", ""))
+    keep = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef)
+    nodes = [
+        node
+        for node in tree.body
+        if isinstance(node, keep)
+        or (
+            isinstance(node, ast.Assign)
+            and all(isinstance(t, ast.Name | ast.Tuple) for t in node.targets)
+            and all(
+                n.id.isupper() for t in node.targets for n in ast.walk(t) if isinstance(n, ast.Name)
+            )
+        )
+    ]
+    return ast.unparse(ast.Module(body=nodes, type_ignores=[]))
+
+
 @pytest.fixture(scope="module")
 def layers() -> dict:
-    """The solution notebook's definition cells, executed: its layers, as the learner reads them."""
+    """The solution notebook's definitions, executed: its layers, as the learner reads them."""
     nb = nbformat.read(ROOT / "solutions" / "15_tensor_parallel.ipynb", as_version=4)
     namespace: dict = {}
     for cell in nb.cells:
-        if cell.cell_type != "code":
-            continue
-        src = cell.source
-        if src.startswith(("import", "%matplotlib")):
-            exec(src.replace("%matplotlib inline", ""), namespace)  # noqa: S102 - our own notebook
-        elif re.match(r"(class|def) \w+", src) and "cu.check" not in src:
-            exec(src, namespace)  # noqa: S102
+        if cell.cell_type == "code":
+            exec(_definitions(cell.source), namespace)  # noqa: S102 - the course's own notebook
     return namespace
 
 
@@ -488,10 +499,16 @@ def test_bytes_counted_match_the_derivation(layers):
 
 
 def test_bad_sizes_give_one_line_errors(layers):
-    for build in layers["bad_size_builders"]():
-        with pytest.raises(ValueError) as err:
+    builders = layers["bad_size_builders"]()
+    assert len(builders) == 3  # heads, hidden size, vocabulary
+    for build, what in zip(
+        builders, ["number of heads", "output size", "vocabulary size"], strict=True
+    ):
+        with pytest.raises(WorldError) as err:
             run_world(build, 3)
-        assert "\n" not in str(err.value)
+        text = str(err.value)
+        assert "ValueError" in text and what in text and "not divisible" in text, text
+        assert "\n" not in text
     with pytest.raises(ValueError, match="not divisible"):
         ch15.even_shard(10, 3, "vocabulary")
 
@@ -506,25 +523,7 @@ def test_rng_tracker_differs_inside_and_agrees_outside(layers):
 # =====================================================================================
 # The torchrun script
 # =====================================================================================
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_script_trains_like_serial():
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(_free_port()),
-        "-m",
-        "course_utils.scripts.ch15_tensor_parallel",
-    ]
-    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=90)
+    done = torchrun("course_utils.scripts.ch15_tensor_parallel", nproc=2, timeout=90)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "equals serial" in done.stdout, done.stdout

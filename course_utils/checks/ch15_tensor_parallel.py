@@ -336,6 +336,7 @@ def _check_vocab_case(
     "vocab_start + V_r); returns every row's cross-entropy of the full logits, equal on all "
     "ranks, using all-reduces of the row maxima and of the sums, never gathering the logits",
     reference=ref_vocab_parallel_cross_entropy,
+    budget=10.0,
     forbidden=GATHERS + LOSS_OPS,
 )
 def check_vocab_parallel_cross_entropy(t: Tester) -> None:
@@ -507,8 +508,8 @@ def _check_mlp_case(
             if not torch.equal(got_value, value):
                 t.fail(
                     where,
-                    f"parameter `{name}` should hold {desc} (rank {rank} of {p} keeps the "
-                    f"{rank}-th of {p} equal shards), but its values differ from them.",
+                    f"parameter `{name}` should hold {desc} (rank {rank} of {p} keeps shard "
+                    f"{rank}, counting from 0, of {p} equal shards), but its values differ.",
                 )
         t.ok(where, "parameter shards", "ok (exact)")
     for rank, out in enumerate(outs):  # shards first on every rank, then the numbers
@@ -676,6 +677,7 @@ def _check_mlp_grid(t: Tester) -> None:
     "parameters, bias2 whole; one all-reduce forward (g), one backward (f); ValueError when the "
     "world size does not divide F",
     reference=RefParallelMLP,
+    budget=10.0,
     forbidden=GATHERS,
 )
 def check_parallel_mlp(t: Tester) -> None:
