@@ -262,3 +262,54 @@ def test_plain_and_decode_round_trip_plain_data_and_hide_objects(tmp_path: Path)
     assert isinstance(back["o"], remote.Opaque) and back["o"].type_name == "object"
     assert checking._describe(back["o"]) == "a object"
     assert checking._describe(remote.Opaque("numpy.ndarray")) == "a numpy.ndarray"
+
+
+# ---- distributed exercises: the world is forked inside the learner's kernel ------------------
+CH15 = "15_tensor_parallel"
+DIST_IMPORTS = IMPORTS + "\nimport torch.distributed as dist"
+
+GATHERS_LOGITS = """
+from torch.distributed import all_gather as gather_everything
+def vocab_parallel_cross_entropy(logits_shard, target, vocab_start):
+    widths = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size())]
+    gather_everything(widths, torch.tensor([logits_shard.shape[1]]))
+    return logits_shard.sum(1)
+"""
+
+# right alone; with partners rank 0 waits in an all-reduce that the others never join
+DEADLOCKS = """
+import time
+def vocab_parallel_cross_entropy(logits_shard, target, vocab_start):
+    if dist.get_world_size() > 1:
+        if dist.get_rank() == 0:
+            dist.all_reduce(torch.ones(1))
+        else:
+            time.sleep(60)
+    m = logits_shard.max(1, keepdim=True).values
+    lse = (m + (logits_shard - m).exp().sum(1, keepdim=True).log()).squeeze(1)
+    return lse - logits_shard.gather(1, target[:, None]).squeeze(1)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "student, status, says",
+    [
+        ("honest", "passed", "checks passed"),
+        ("gathers", "failed", "called dist.all_gather"),
+        ("deadlocks", "failed", "rank 0 is waiting in dist.all_reduce"),
+    ],
+)
+def test_a_distributed_exercise_is_judged_in_the_grader_rank_by_rank(
+    tmp_path: Path, solution_cells, student: str, status: str, says: str
+) -> None:
+    sources = {
+        "honest": solution_cells(CH15, ["vocab_parallel_cross_entropy"]),
+        "gathers": [GATHERS_LOGITS],
+        "deadlocks": [DEADLOCKS],
+    }[student]
+    path = write(tmp_path / f"{CH15}.ipynb", notebook(CH15, DIST_IMPORTS, *sources))
+    result = grade.grade_notebook(path, timeout=180, exercise="vocab_parallel_cross_entropy")
+    [row] = result.rows
+    assert row["status"] == status and says in row["message"], row
+    assert "\n" not in row["message"]
