@@ -165,6 +165,10 @@ def _world(
     return _standin_world(t, case, world_size, args_per_rank, probe, timeout)
 
 
+class _RankFailure(Exception):
+    """A check failure inside a stand-in rank, raised so that run_world names the first one."""
+
+
 def _standin_world(
     t: Tester,
     case: str,
@@ -174,23 +178,25 @@ def _standin_world(
     timeout: float,
 ) -> list[Any]:
     """``Tester.world`` until it lands in checking.py: the same guards and messages, in brief."""
+    from .. import checking
+
     name = getattr(t.fn, "__name__", t.exercise.id)
     try:
-        out = run_world(_standin_rank, world_size, t, case, args_per_rank, probe, timeout=timeout)
+        return run_world(_standin_rank, world_size, t, case, args_per_rank, probe, timeout=timeout)
     except WorldError as err:
         text = str(err)
+        if "_RankFailure: __pending__" in text:
+            raise checking._Pending from None
+        if "_RankFailure: " in text:
+            raise CheckFailure(text.split("_RankFailure: ", 1)[1]) from None
         if "did not finish" in text:
             raise CheckFailure(f"in case {case}, {name} deadlocked: {text}") from None
         raise CheckFailure(f"in case {case}, {name} failed: {text}") from None
-    for rank, (kind, value) in enumerate(out):
-        if kind == "fail":
-            raise CheckFailure(
-                value.replace("in case", f"on rank {rank} of {world_size}, in case", 1)
-            )
-    return [value for _, value in out]
 
 
-def _standin_rank(rank: int, world_size: int, t: Tester, case: str, args_per_rank, probe) -> tuple:
+def _standin_rank(
+    rank: int, world_size: int, t: Tester, case: str, args_per_rank: list, probe: Any
+) -> Any:
     from .. import checking
 
     name = getattr(t.fn, "__name__", t.exercise.id)
@@ -198,18 +204,14 @@ def _standin_rank(rank: int, world_size: int, t: Tester, case: str, args_per_ran
     saved = []
     if not checking._FORBIDDEN_CALLS_ALLOWED:
         for item in t.exercise.forbidden:
-            if item.startswith("dist."):
-                attr = item[5:]
-                original = getattr(dist, attr, None)
-                if original is None:
-                    continue
+            if item.startswith("dist.") and getattr(dist, item[5:], None) is not None:
 
-                def refused(*_a: Any, _attr: str = attr, **_k: Any) -> Any:
-                    used.append(_attr)
-                    raise RuntimeError(f"dist.{_attr} is not allowed in this exercise")
+                def refused(*_a: Any, _item: str = item, **_k: Any) -> Any:
+                    used.append(_item)
+                    raise RuntimeError(f"{_item} is not allowed in this exercise")
 
-                saved.append((dist, attr, original))
-                setattr(dist, attr, refused)
+                saved.append((dist, item[5:], getattr(dist, item[5:])))
+                setattr(dist, item[5:], refused)
             elif item.startswith("torch.nn.parallel."):
                 cls = getattr(torch.nn.parallel, item.rsplit(".", 1)[1])
 
@@ -219,29 +221,26 @@ def _standin_rank(rank: int, world_size: int, t: Tester, case: str, args_per_ran
 
                 saved.append((cls, "__init__", cls.__init__))
                 cls.__init__ = refused_init
+    where = f"on rank {rank} of {world_size}, in case"
     try:
         if probe is None:
             value = t.call(case, *args_per_rank[rank])
         else:
             value = t.probe(case, probe, *args_per_rank[rank])
+    except checking._Pending:
+        raise _RankFailure("__pending__") from None
     except CheckFailure as failure:
-        if used:
-            shown = used[0] if used[0].startswith("torch.") else f"dist.{used[0]}"
-            return (
-                "fail",
-                f"in case {case}, {name} called {shown}, which this exercise may not use "
-                f"({t.exercise.forbidden_text()}).",
-            )
-        return ("fail", str(failure))
+        if not used:
+            raise _RankFailure(str(failure).replace("in case", where, 1)) from None
     finally:
         for owner, attr, original in saved:
             setattr(owner, attr, original)
     if used:
-        return (
-            "fail",
-            f"in case {case}, {name} called dist.{used[0]}, which this exercise may not use.",
+        raise _RankFailure(
+            f"on rank {rank}, {name} called {used[0]}, which this exercise may not use "
+            f"({t.exercise.forbidden_text()})."
         )
-    return ("ok", value)
+    return value
 
 
 # ---- ring all-reduce ------------------------------------------------------------------------
@@ -258,11 +257,60 @@ def _contributions(chunk: Tensor, parts: list[Tensor]) -> Tensor | None:
     return c
 
 
+def _close(a: Tensor, b: Tensor) -> bool:
+    return bool(
+        torch.allclose(
+            a.detach().double(),
+            b,
+            rtol=1e-5,
+            atol=1e-5 * (1 + (float(b.abs().max()) if b.numel() else 0.0)),
+        )
+    )
+
+
+def _cross_chunk(outs: list[Any], parts: list[list[Tensor]], unfit: list[tuple[int, int]]) -> str:
+    """If a chunk of the result holds data of another chunk index, say which (equal chunks only)."""
+    p = len(parts)
+    if not unfit or len({q.numel() for q in parts[0]}) != 1:
+        return ""
+    everything = [parts[k][j] for k in range(p) for j in range(p)]  # rank k, chunk j
+    for r, i in unfit:
+        c = _contributions(outs[r].reshape(-1).tensor_split(p)[i], everything)
+        if c is None:
+            continue
+        foreign = [
+            (k, j) for k in range(p) for j in range(p) if j != i and abs(float(c[k * p + j])) > 1e-6
+        ]
+        if foreign:
+            k, j = foreign[0]
+            return (
+                f"It looks like the chunk indices are mixed up: on rank {r}, chunk {i} of the result "
+                f"holds data of chunk {j} (from rank {k}), so the ring added or forwarded the wrong "
+                "chunk. In reduce-scatter step s rank r sends chunk (r - s) mod p and adds into "
+                "chunk (r - s - 1) mod p; in all-gather step s it sends chunk (r + 1 - s) mod p and "
+                "receives chunk (r - s) mod p."
+            )
+    return ""
+
+
 def _ring_diagnosis(outs: list[Any], xs: list[Tensor]) -> str:
     """Name the mistake the wrong results look like, from which ranks each chunk sums."""
     p = len(xs)
     if p == 1:
         return ""
+    n = xs[0].numel()
+    head = (n // p) * p
+    total = torch.stack([x.double().reshape(-1) for x in xs]).sum(0)  # (N,)
+    if n % p and all(
+        torch.is_tensor(o) and o.numel() == n and _close(o.reshape(-1)[:head], total[:head])
+        for o in outs
+    ):
+        return (
+            f"It looks like it only works when the size divides by p: the first {head} elements "
+            f"are right but the last {n % p} element(s) (numel {n} mod p = {p}) were never "
+            "reduced. Cut the flattened tensor with tensor_split(p), whose chunks may differ in "
+            "size by one."
+        )
     parts = [list(x.reshape(-1).tensor_split(p)) for x in xs]
     coeffs: dict[tuple[int, int], Tensor | None] = {}
     for r, out in enumerate(outs):
@@ -270,6 +318,9 @@ def _ring_diagnosis(outs: list[Any], xs: list[Tensor]) -> str:
             return ""
         for i, chunk in enumerate(out.reshape(-1).tensor_split(p)):
             coeffs[r, i] = _contributions(chunk, [parts[k][i] for k in range(p)])
+    mixed = _cross_chunk(outs, parts, [key for key, c in coeffs.items() if c is None])
+    if mixed:
+        return mixed
     known = {key: c for key, c in coeffs.items() if c is not None}
     if not known:
         return ""
@@ -397,12 +448,12 @@ class _Handle:
         self._work, self._record, self._watch = work, record, watch
 
     def wait(self, *args: Any, **kwargs: Any) -> Any:
-        self._record["waited"] = self._record["waited"] or self._watch.phase
+        self._watch.waited(self._record)
         return self._work.wait(*args, **kwargs)
 
     def get_future(self) -> Any:
         # a learner may wait through the future instead; count asking for it as waiting
-        self._record["waited"] = self._record["waited"] or self._watch.phase
+        self._watch.waited(self._record)
         return self._work.get_future()
 
     def __getattr__(self, name: str) -> Any:
@@ -429,14 +480,20 @@ class _CollectiveWatch:
         for name, original in self._saved:
             setattr(dist, name, original)
 
+    def waited(self, record: dict) -> None:
+        """Note that ``record``'s handle was waited now: in which phase, after how many launches."""
+        if not record["waited"]:
+            record["waited"], record["launches_before_wait"] = self.phase, len(self.calls)
+
     def _wrap(self, name: str, original: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(original)
         def recorded(*args: Any, **kwargs: Any) -> Any:
             record = {"op": name, "phase": self.phase, "async": False, "waited": ""}
+            record["index"], record["launches_before_wait"] = len(self.calls), -1
             self.calls.append(record)
             work = original(*args, **kwargs)
             if work is None:  # a blocking call: done when it returns
-                record["waited"] = self.phase
+                self.waited(record)
                 return work
             record["async"] = True
             return _Handle(work, record, self)
@@ -579,8 +636,7 @@ def _check_ddp(t: Tester) -> None:
             probe=_ddp_probe,
             timeout=10.0,
         )
-        for r, out in enumerate(got):
-            _judge_ddp(t, case, r, p, out, want[r])
+        _judge_ddp(t, case, p, got, want)
 
 
 def _same(a: list[Tensor], b: list[Tensor], tol: float = 1e-9) -> bool:
@@ -590,30 +646,51 @@ def _same(a: list[Tensor], b: list[Tensor], tol: float = 1e-9) -> bool:
     )
 
 
-def _judge_ddp(t: Tester, case: str, r: int, p: int, out: Any, want: dict) -> None:
-    where = f"rank {r} of {p}"
-    if not isinstance(out, dict):
-        t.fail(case, f"the probe on {where} returned {type(out).__name__}.")
-    if p > 1 and not _same(out["init"], want["init"]):
-        t.fail(
-            case,
-            f"right after construction the parameters on {where} differ from rank 0's: it looks "
-            "like DDP does not broadcast the parameters from rank 0 at construction (each rank "
-            "initialised its model with its own seed, as separate processes do). Call "
-            "dist.broadcast(param.data, src=0) for every parameter (and buffer) in __init__.",
-        )
-    calls = [c for c in out["calls"] if c["phase"] != "construction"]
+def _judge_ddp(t: Tester, case: str, p: int, outs: list[Any], wants: list[dict]) -> None:
+    """Judge every rank, one property at a time, the most telling first."""
+    ranks = [
+        (r, f"rank {r} of {p}", out, want)
+        for r, (out, want) in enumerate(zip(outs, wants, strict=True))
+    ]
+    for _r, where, out, _want in ranks:
+        if not isinstance(out, dict):
+            t.fail(case, f"the probe on {where} returned {type(out).__name__}.")
     if p > 1:
-        in_no_sync = [c for c in calls if c["phase"] == "no_sync backward"]
-        if in_no_sync:
-            t.fail(
-                case,
-                f"on {where}, {len(in_no_sync)} collective call(s) ({in_no_sync[0]['op']}) ran during "
-                "a backward inside no_sync(): it looks like no_sync() is ignored. Inside no_sync() the "
-                "hooks must do nothing, so gradients accumulate locally.",
-            )
-    want_grads, grads = want["grads"][0], out["grads"][0]
-    if not _same(grads, want_grads):
+        for _r, where, out, want in ranks:
+            if not _same(out["init"], want["init"]):
+                t.fail(
+                    case,
+                    f"right after construction the parameters on {where} differ from rank 0's: it "
+                    "looks like DDP does not broadcast the parameters from rank 0 at construction "
+                    "(each rank initialised its model with its own seed, as separate processes "
+                    "do). Call dist.broadcast(param.data, src=0) for every parameter (and buffer) "
+                    "in __init__.",
+                )
+        t.ok(case, "parameters equal to rank 0's after construction, every rank")
+    calls = {r: [c for c in out["calls"] if c["phase"] != "construction"] for r, _, out, _ in ranks}
+    if p > 1:
+        for r, where, _out, _want in ranks:
+            in_no_sync = [c for c in calls[r] if c["phase"] == "no_sync backward"]
+            if in_no_sync:
+                t.fail(
+                    case,
+                    f"on {where}, {len(in_no_sync)} collective call(s) ({in_no_sync[0]['op']}) ran "
+                    "during a backward inside no_sync(): it looks like no_sync() is ignored. Inside "
+                    "no_sync() the hooks must do nothing, so gradients accumulate locally.",
+                )
+            unwaited = [c for c in calls[r] if c["async"] and not c["waited"]]
+            if unwaited:
+                t.fail(
+                    case,
+                    f"on {where} {len(unwaited)} asynchronous {unwaited[0]['op']} handle(s) were "
+                    "never waited: it looks like finish_gradient_synchronization() forgets to wait "
+                    "before the optimizer step. Call work.wait() on every handle before reading the "
+                    "averaged gradients.",
+                )
+    for _r, where, out, want in ranks:
+        want_grads, grads = want["grads"][0], out["grads"][0]
+        if _same(grads, want_grads):
+            continue
         if p > 1 and _same(grads, [g * p for g in want_grads]):
             t.fail(
                 case,
@@ -635,36 +712,34 @@ def _judge_ddp(t: Tester, case: str, r: int, p: int, out: Any, want: dict) -> No
             f"on {where} the gradients at the first opt.step() differ from torch DDP's by up to "
             f"{worst:.3g}.",
         )
-    t.ok(case, f"gradients at the first step, {where}")
-    if p > 1 and calls:
-        launched = [c for c in calls if c["phase"] == "backward"]
+    t.ok(case, "gradients at the first step equal torch DDP's, every rank")
+    for r, where, _out, _want in ranks:
+        if p == 1:
+            break
+        if not calls[r]:
+            t.ok(case, f"collectives not observed (called by another name), {where}", "skipped")
+            continue
+        launched = [c for c in calls[r] if c["phase"] == "backward"]
         if not launched:
             t.fail(
                 case,
                 f"on {where} no gradient collective started during backward (the first ran in "
-                f"{calls[0]['phase']}): the all-reduces must be launched from the gradient hooks "
+                f"{calls[r][0]['phase']}): the all-reduces must be launched from the gradient hooks "
                 "(register_post_accumulate_grad_hook) while backward is still running, so "
                 "communication overlaps computation.",
             )
-        if all(c["waited"] == "backward" for c in launched):
+        # waiting inside each hook: every collective is finished before the next one starts
+        one_at_a_time = all(c["launches_before_wait"] == c["index"] + 1 for c in launched[:-1])
+        if len(launched) >= 2 and one_at_a_time:
+            how = "blocking" if not any(c["async"] for c in launched) else "waited at once"
             t.fail(
                 case,
-                f"on {where} every gradient all-reduce launched during backward was "
-                f"{'blocking' if not any(c['async'] for c in launched) else 'waited before backward returned'}: "
-                "it looks like the hooks wait synchronously inside each hook. Launch with "
-                "async_op=True, keep the handle, and wait in finish_gradient_synchronization().",
-            )
-        unwaited = [c for c in calls if c["async"] and not c["waited"]]
-        if unwaited:
-            t.fail(
-                case,
-                f"on {where} {len(unwaited)} asynchronous {unwaited[0]['op']} handle(s) were never "
-                "waited: it looks like finish_gradient_synchronization() forgets to wait before the "
-                "optimizer step. Call work.wait() on every handle before reading the averaged "
-                "gradients.",
+                f"on {where} the {len(launched)} gradient all-reduces launched during backward ran "
+                f"one at a time (each {how} before the next started): it looks like the hooks wait "
+                "synchronously inside each hook, so communication never overlaps backward. Launch "
+                "with async_op=True, keep the handle, and wait in finish_gradient_synchronization().",
             )
         t.ok(case, f"async all-reduces launched in backward, waited before the step, {where}")
-    elif p > 1:
-        t.ok(case, f"collectives not observed (called by another name), {where}", "skipped")
-    for i, (a, b) in enumerate(zip(out["params"], want["params"], strict=True)):
-        t.compare(case, f"parameter {i} after {_DDP_STEPS} steps, {where}", a, b)
+    for _r, where, out, want in ranks:
+        for i, (a, b) in enumerate(zip(out["params"], want["params"], strict=True)):
+            t.compare(case, f"parameter {i} after {_DDP_STEPS} steps, {where}", a, b)
