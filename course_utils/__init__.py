@@ -29,7 +29,13 @@ __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
 
 
+#: Helper modules a notebook reaches as ``cu.gpu``, ``cu.distributed``.
+_MODULES = ("distributed", "gpu")
+
+
 def __getattr__(name: str) -> Any:
+    if name in _MODULES:
+        return importlib.import_module(f".{name}", __name__)
     if name in _EXPORTS:
         value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
         globals()[name] = value

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .invoke import code_fingerprint, invoke
+from .invoke_world import invoke_world
 
 OPAQUE = "__course_opaque__"
 NUMPY = "__course_numpy__"
@@ -93,6 +94,20 @@ def serve(namespace: dict[str, Any], request: dict[str, Any]) -> None:
         )
         outcome.pop("exception", None)
         outcome["args"], outcome["kwargs"] = request["args"], request["kwargs"]
+        answer = {k: plain(v) for k, v in outcome.items()}
+    elif op == "world":
+        outcome = invoke_world(
+            namespace.get(request["name"]),
+            request["world_size"],
+            request["args"],
+            request["kwargs"],
+            probe=request.get("probe"),
+            backward=request["backward"],
+            forbidden=tuple(request.get("forbidden", ())),
+            watch=request.get("watch"),
+            timeout=request["timeout"],
+            encode=plain,
+        )
         answer = {k: plain(v) for k, v in outcome.items()}
     elif op == "export":
         import cloudpickle

@@ -21,6 +21,7 @@ import torch
 
 from .gradcheck import Comparison, compare
 from .invoke import code_fingerprint, invoke, reference_functions
+from .invoke_world import invoke_world
 
 Tensor = torch.Tensor
 
@@ -140,15 +141,28 @@ class Exercise:
     arg_names: tuple[str, ...]
     backward: bool = False
     forbidden: tuple[str, ...] = ()
+    budget: float = 2.0
+    """Seconds the check may take on its reference (2 s; distributed checks state 10 s)."""
 
     def forbidden_text(self) -> str:
         """The calls this exercise may not use, as a learner reads them ('' if none)."""
         if not self.forbidden:
             return ""
-        names = ", ".join(self.forbidden)
-        return f"may not call {names} (in any form: torch., Tensor., F., torch.ops.aten)" + (
-            "; nor autograd, torch.nn.grad or backward kernels" if self.backward else ""
-        )
+        ops = [f for f in self.forbidden if not f.startswith(("dist.", "torch."))]
+        calls = [f for f in self.forbidden if f.startswith("dist.")]
+        classes = [f.rsplit(".", 1)[-1] for f in self.forbidden if f.startswith("torch.")]
+        parts = []
+        if ops:
+            parts.append(
+                f"may not call {', '.join(ops)} (in any form: torch., Tensor., F., torch.ops.aten)"
+            )
+        if calls:
+            parts.append(f"may not call {', '.join(calls)} (torch.distributed)")
+        if classes:
+            parts.append(f"may not build {', '.join(classes)}")
+        if self.backward:
+            parts.append("nor autograd, torch.nn.grad or backward kernels")
+        return "; ".join(parts)
 
 
 REGISTRY: dict[str, Exercise] = {}
@@ -190,11 +204,16 @@ def exercise(
     reference: Callable[..., Any] | None = None,
     backward: bool = False,
     forbidden: tuple[str, ...] = (),
+    budget: float = 2.0,
 ) -> Callable[[Callable[[Tester], None]], Callable[[Tester], None]]:
     """Register the decorated function as the check battery of exercise ``id``.
 
     ``forbidden`` names the PyTorch operators the exercise rebuilds: a bare name
-    (``"softmax"``) forbids every form of it, a qualified one (``"F.unfold"``) that form only.
+    (``"softmax"``) forbids every form of it, a qualified one (``"F.unfold"``) that form only;
+    ``"dist.all_reduce"`` forbids a torch.distributed call and a dotted class path
+    (``"torch.nn.parallel.DistributedDataParallel"``) building that class (see ``invoke_world``).
+    ``budget`` is the seconds its check may take on one core (the contract's 2 s; 10 s for
+    distributed exercises), measured by ``course_utils.bench``.
     """
 
     def register(battery: Callable[[Tester], None]) -> Callable[[Tester], None]:
@@ -210,6 +229,7 @@ def exercise(
             _arg_names(signature),
             backward,
             tuple(forbidden),
+            float(budget),
         )
         return battery
 
@@ -504,6 +524,128 @@ class Tester:
         """
         name = getattr(self.fn, "__name__", self.exercise.id)
         return self._guarded(case, name, self.fn, probe, args, kwargs, None)
+
+    def world(
+        self,
+        case: str,
+        world_size: int,
+        args_per_rank: Sequence[tuple[Any, ...]],
+        kwargs_per_rank: Sequence[dict[str, Any]] | None = None,
+        *,
+        probe: Callable[..., Any] | None = None,
+        watch: Callable[[], Any] | None = None,
+        timeout: float = 5.0,
+    ) -> list[Any]:
+        """Call the learner's function on every rank of a forked gloo world; the values by rank.
+
+        Rank ``r`` gets ``args_per_rank[r]`` and ``kwargs_per_rank[r]``. The exercise's guards
+        (references, forbidden operators and ``torch.distributed`` calls, autograd for backward
+        exercises, ``watch``) are armed on every rank, and each rank's inputs must come back
+        unchanged. With ``probe``, each rank runs ``probe(learner_fn, *args, **kwargs)`` instead
+        (a module-level function of the battery returning plain data). A rank that raises, dies
+        or deadlocks, or trips a guard, fails the case with a message naming the rank.
+        ``self.last_watch`` holds the watch reports by rank.
+        """
+        if len(args_per_rank) != world_size or (
+            kwargs_per_rank is not None and len(kwargs_per_rank) != world_size
+        ):
+            raise ValueError(f"a world of {world_size} needs arguments for each of its ranks")
+        args_list = [tuple(a) for a in args_per_rank]
+        kwargs_list = [dict(k) for k in kwargs_per_rank or [{} for _ in range(world_size)]]
+        name = getattr(self.fn, "__name__", self.exercise.id)
+        before = [_snapshot(a) for a in args_list]
+        before_kw = [{k: _snapshot(v) for k, v in kw.items()} for kw in kwargs_list]
+        outcome = self._invoke_world(
+            world_size, args_list, kwargs_list, probe, watch, float(timeout)
+        )
+        kind = outcome["kind"]
+        if kind != "ok":
+            self._world_failure(case, name, world_size, outcome)
+        self.last_watch = outcome.get("watch")
+        names = self.exercise.arg_names
+        for rank in range(world_size):
+            after = outcome["args"][rank]
+            for i, (b, a) in enumerate(zip(before[rank], after, strict=True)):
+                if not _unchanged(b, a):
+                    arg = names[i] if i < len(names) else f"argument {i + 1}"
+                    self.fail(
+                        case,
+                        f"on rank {rank} of {world_size}, {name} changed its input `{arg}` in "
+                        "place. Build new tensors instead (for example `buf = tensor.clone()`, "
+                        "then work on `buf`).",
+                    )
+            for k, b in before_kw[rank].items():
+                if not _unchanged(b, outcome["kwargs"][rank].get(k)):
+                    self.fail(
+                        case,
+                        f"on rank {rank} of {world_size}, {name} changed its input `{k}` in place.",
+                    )
+        return list(outcome["values"])
+
+    def _world_failure(
+        self, case: str, name: str, world_size: int, outcome: dict[str, Any]
+    ) -> None:
+        """Turn a failed world outcome into the CheckFailure a learner reads."""
+        kind, rank = outcome["kind"], outcome.get("rank", 0)
+        on = f"on rank {rank} of {world_size}, "
+        message = str(outcome.get("message", ""))
+        if kind == "pending":
+            raise _Pending
+        if kind == "deadlock":
+            self.fail(
+                case,
+                f"{name} deadlocked (every rank waits for a message no rank sends): {message}. "
+                "Look at the order of sends and receives.",
+            )
+        if kind == "died":
+            self.fail(case, f"{name} did not come back from the world: {message}.")
+        if kind == "reference":
+            self.fail(
+                case,
+                f"{on}{name} ran the course's reference implementation; the check "
+                "passes only your own code.",
+            )
+        if kind == "forbidden":
+            self.fail(
+                case,
+                f"{on}{name} called {message}, which this exercise does not allow; "
+                f"build it yourself ({self.exercise.forbidden_text()}).",
+            )
+        if kind == "autograd":
+            self.fail(case, f"{on}{name} called autograd ({message}); derive the gradient by hand.")
+        if kind == "guard":
+            self.fail(
+                case,
+                f"{on}a guard of the check was switched off while {name} ran "
+                f"({message}); the case cannot be judged.",
+            )
+        where = outcome.get("where", "")
+        self.fail(
+            case, f"{on}{name} raised {outcome.get('error_type', 'an error')}: {message}{where}."
+        )
+
+    def _invoke_world(
+        self,
+        world_size: int,
+        args_per_rank: list[tuple[Any, ...]],
+        kwargs_per_rank: list[dict[str, Any]],
+        probe: Callable[..., Any] | None,
+        watch: Callable[[], Any] | None,
+        timeout: float,
+    ) -> dict[str, Any]:
+        """Run one guarded world here, forked from this process (the grader runs it in the kernel)."""
+        return invoke_world(
+            self.fn,
+            world_size,
+            args_per_rank,
+            kwargs_per_rank,
+            probe=probe,
+            backward=self.exercise.backward,
+            forbidden=() if _FORBIDDEN_CALLS_ALLOWED else self.exercise.forbidden,
+            watch=watch,
+            references=[] if _REFERENCES_ALLOWED else None,
+            timeout=timeout,
+        )
 
     def _invoke(
         self,

@@ -150,7 +150,24 @@ def _parser() -> _Parser:
     )
     p.add_argument("--course", type=Path, metavar="DIR", help="default: course/ of the repository")
     p.set_defaults(run=cmd_build)
+
+    p = sub.add_parser(
+        "gpu", help="run every GPU cell and benchmark of the course; write .ci/gpu.md (needs CUDA)"
+    )
+    p.add_argument("--out", type=Path, metavar="FILE.md", help="default: .ci/gpu.md")
+    p.add_argument("--only", nargs="*", metavar="NN", help="only these chapters (numbers)")
+    p.set_defaults(run=cmd_gpu)
     return parser
+
+
+def cmd_gpu(args: argparse.Namespace) -> int:
+    """Run the GPU cells of every chapter and write the dated table."""
+    from . import gpu
+
+    argv = ["--out", str(args.out)] if args.out else []
+    if args.only:
+        argv += ["--only", *args.only]
+    return gpu.main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if not getattr(args, "run", None):
             raise UsageError(
-                "give a command: list, check, status, grade or build (see `course --help`)"
+                "give a command: list, check, status, grade, build or gpu (see `course --help`)"
             )
         return args.run(args)
     except SystemExit as done:  # --help and --version

@@ -6,10 +6,14 @@ as a list in rank order. Because the ranks are forked, ``fn`` may be defined in 
 A rank that raises, dies or blocks past ``timeout`` becomes a one-line ``WorldError`` naming the
 rank and, for a hang, the ``torch.distributed`` call it is blocked in; every rank is killed and
 reaped before ``run_world`` returns or raises.
+
+``CommCounter`` counts, inside a rank, the bytes each torch.distributed call sends, so a
+chapter can set the traffic it measured beside the traffic it derived.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
 import functools
@@ -22,7 +26,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -41,10 +45,12 @@ TRACED_CALLS = (
     "reduce",
     "all_gather",
     "all_gather_into_tensor",
+    "all_gather_single",
     "gather",
     "scatter",
     "reduce_scatter",
     "reduce_scatter_tensor",
+    "reduce_scatter_single",
     "all_to_all",
     "all_to_all_single",
     "barrier",
@@ -56,10 +62,15 @@ _GRACE = 0.3  # seconds to wait for the other ranks' reports once one rank has f
 class WorldError(RuntimeError):
     """A rank of a ``run_world`` world raised, died or did not finish in time."""
 
-    def __init__(self, message: str, ranks: list[int], remote_traceback: str = "") -> None:
+    def __init__(
+        self, message: str, ranks: list[int], remote_traceback: str = "", report: Any = None
+    ) -> None:
         super().__init__(message)
         self.ranks = ranks
         self.remote_traceback = remote_traceback
+        # what the failing rank attached to its exception as ``course_report`` (the checker's
+        # guarded calls send their outcome this way), else None
+        self.report = report
 
 
 def run_world(
@@ -143,7 +154,7 @@ def _collect(
     world_size = len(procs)
     deadline = time.monotonic() + timeout
     results: dict[int, Any] = {}
-    errors: dict[int, tuple[float, str, str]] = {}  # rank -> (when, one line, traceback)
+    errors: dict[int, tuple[float, str, str, Any]] = {}  # rank -> (when, line, traceback, report)
     dead: dict[int, int] = {}  # rank -> exit code, for ranks gone without a report
     pending = set(range(world_size))
     failed_at: float | None = None
@@ -165,7 +176,7 @@ def _collect(
                 continue  # exited but the pipe is not yet readable: next round
             pending.discard(rank)
             try:
-                kind, when, payload, tb = pickle.loads(conn.recv_bytes())
+                kind, when, payload, tb, report = pickle.loads(conn.recv_bytes())
             except (EOFError, OSError):
                 proc.join()
                 dead[rank] = proc.exitcode
@@ -173,7 +184,7 @@ def _collect(
             if kind == "ok":
                 results[rank] = payload
             else:
-                errors[rank] = (when, payload, tb)
+                errors[rank] = (when, payload, tb, report)
         if (errors or dead) and failed_at is None:
             failed_at = time.monotonic()
     if dead:
@@ -183,8 +194,8 @@ def _collect(
     if errors:
         # CLOCK_MONOTONIC is shared by all processes, so the earliest error is the first cause
         rank = min(errors, key=lambda r: errors[r][0])
-        _, line, tb = errors[rank]
-        err = WorldError(f"rank {rank} raised {line}", [rank], tb)
+        _, line, tb, report = errors[rank]
+        err = WorldError(f"rank {rank} raised {line}", [rank], tb, report)
         if tb and hasattr(err, "add_note"):  # Python 3.11+: shown under the one-line message
             err.add_note(f"Traceback on rank {rank}:\n{tb.rstrip()}")
         raise err
@@ -253,11 +264,15 @@ def _rank_main(
         note("returned and is waiting for the others in the closing barrier")
         _untraced(dist.barrier)()  # no rank tears the group down while a peer still reads from it
         dist.destroy_process_group()
-        message = pickle.dumps(("ok", time.monotonic(), result, ""))
+        message = pickle.dumps(("ok", time.monotonic(), result, "", None))
     except BaseException as exc:  # noqa: BLE001 - every failure goes back to the parent
         when = time.monotonic()
         line = " ".join(f"{type(exc).__name__}: {exc}".split())
-        message = pickle.dumps(("error", when, line, traceback.format_exc()))
+        report = getattr(exc, "course_report", None)
+        try:
+            message = pickle.dumps(("error", when, line, traceback.format_exc(), report))
+        except Exception:  # noqa: BLE001 - an unpicklable report still leaves the line
+            message = pickle.dumps(("error", when, line, traceback.format_exc(), None))
         code = 1
     try:
         conn.send_bytes(message)
@@ -318,3 +333,165 @@ def _peer(signature: inspect.Signature | None, args: tuple, kwargs: dict) -> str
             value = bound[key]
             return f"{key}={'any' if value is None else value}"
     return ""
+
+
+# ---- counting communication ----------------------------------------------------------------
+#: The torch.distributed calls a CommCounter counts.
+COUNTED_CALLS = tuple(c for c in TRACED_CALLS if c not in ("barrier", "batch_isend_irecv"))
+
+
+def _nbytes(x: Any) -> int:
+    """Bytes of a tensor, or of every tensor in a list of them."""
+    if torch.is_tensor(x):
+        return x.numel() * x.element_size()
+    if isinstance(x, list | tuple):
+        return sum(_nbytes(t) for t in x)
+    return 0
+
+
+def _numel(x: Any) -> int:
+    if torch.is_tensor(x):
+        return x.numel()
+    if isinstance(x, list | tuple):
+        return sum(_numel(t) for t in x)
+    return 0
+
+
+def _ring_cost(op: str, a: dict[str, Any], rank: int, p: int) -> tuple[Any, int]:
+    """(the tensor(s) the call is about, bytes this rank sends) under the bandwidth-optimal ring."""
+
+    def root(key: str) -> int:
+        value = a.get(key)
+        if value is None:
+            value = a.get(f"group_{key}")
+        return 0 if value is None else int(value)
+
+    if op in ("send", "isend"):
+        return a["tensor"], _nbytes(a["tensor"])
+    if op in ("recv", "irecv"):
+        return a["tensor"], 0
+    if op == "all_reduce":  # reduce-scatter then all-gather: 2(p-1) chunks of n/p
+        t = a["tensor"]
+        return t, 2 * (p - 1) * _nbytes(t) // p
+    if op == "all_gather":  # each rank passes on p-1 chunks of its input's size
+        return a["tensor"], (p - 1) * _nbytes(a["tensor"])
+    if op in ("all_gather_into_tensor", "all_gather_single"):
+        return a["input_tensor"], (p - 1) * _nbytes(a["input_tensor"])
+    if op == "reduce_scatter":
+        return a["input_list"], (p - 1) * _nbytes(a["output"])
+    if op in ("reduce_scatter_tensor", "reduce_scatter_single"):
+        return a["input"], (p - 1) * _nbytes(a["input"]) // p
+    if op == "broadcast":  # a pipelined chain from the root: all but the last rank forward it
+        t = a["tensor"]
+        return t, 0 if p == 1 or rank == (root("src") - 1) % p else _nbytes(t)
+    if op == "reduce":  # the chain the other way: all but the root send
+        t = a["tensor"]
+        return t, 0 if rank == root("dst") else _nbytes(t)
+    if op == "gather":
+        t = a["tensor"]
+        return t, 0 if rank == root("dst") else _nbytes(t)
+    if op == "scatter":
+        chunks = a.get("scatter_list") or []
+        mine = chunks[rank] if rank < len(chunks) else None
+        return a["tensor"], _nbytes(chunks) - _nbytes(mine) if rank == root("src") else 0
+    if op == "all_to_all":
+        ins = a["input_tensor_list"]
+        return ins, _nbytes(ins) - _nbytes(ins[rank] if rank < len(ins) else None)
+    if op == "all_to_all_single":
+        return a["input"], (p - 1) * _nbytes(a["input"]) // p
+    return None, 0
+
+
+class CommCounter:
+    """Count what every torch.distributed call in a block sends from this rank, by label.
+
+    Use inside a rank::
+
+        with CommCounter() as comm:
+            with comm.label("mlp"):
+                out = mlp(x)
+
+    ``comm.records`` holds one dict per call: ``op``, ``label``, ``numel`` and ``bytes`` (the
+    tensor handed to the call; for gathers the local input, for reduce-scatters the full
+    input), and ``sent_bytes``, what this rank sends when the collective runs as the
+    bandwidth-optimal ring (all-reduce ``2(p-1)/p·n``, all-gather ``(p-1)·n_in``,
+    reduce-scatter ``(p-1)/p·n_in``, a pipelined chain for broadcast and reduce) or the
+    message itself for a send. Calls are counted through the ``torch.distributed`` module,
+    so code must call ``dist.all_reduce(...)``, not a name imported before the block.
+    """
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self._labels: list[str] = []
+        self._saved: list[tuple[str, Any]] = []
+
+    def __enter__(self) -> CommCounter:
+        for name in COUNTED_CALLS:
+            original = getattr(dist, name, None)
+            if original is not None:
+                self._saved.append((name, original))
+                setattr(dist, name, self._counting(name, original))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for name, original in reversed(self._saved):
+            setattr(dist, name, original)
+        self._saved.clear()
+
+    @contextlib.contextmanager
+    def label(self, name: str) -> Iterator[None]:
+        """Tag the calls made inside the block with ``name`` (nested labels join with '/')."""
+        self._labels.append(name)
+        try:
+            yield
+        finally:
+            self._labels.pop()
+
+    def _counting(self, op: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            try:
+                bound = signature.bind(*args, **kwargs).arguments
+                group = bound.get("group")
+                p = dist.get_world_size(group)
+                rank = dist.get_rank(group)
+                tensors, sent = _ring_cost(op, bound, rank, p)
+                self.records.append(
+                    {
+                        "op": op,
+                        "label": "/".join(self._labels),
+                        "numel": _numel(tensors),
+                        "bytes": _nbytes(tensors),
+                        "sent_bytes": int(sent),
+                    }
+                )
+            except (TypeError, KeyError, ValueError, RuntimeError):
+                pass  # a call torch itself will reject: let torch say why
+            return original(*args, **kwargs)
+
+        return counted
+
+    def total(self, label: str | None = None, op: str | None = None) -> int:
+        """Bytes sent by this rank, over the calls with this label (and prefix) and op."""
+        return sum(
+            r["sent_bytes"]
+            for r in self.records
+            if (label is None or r["label"] == label or r["label"].startswith(f"{label}/"))
+            and (op is None or r["op"] == op)
+        )
+
+    def by_label(self) -> dict[str, int]:
+        """Bytes sent by this rank per label, in the order the labels first appeared."""
+        out: dict[str, int] = {}
+        for r in self.records:
+            out[r["label"]] = out.get(r["label"], 0) + r["sent_bytes"]
+        return out
+
+    def by_op(self) -> dict[str, int]:
+        """Bytes sent by this rank per operation."""
+        out: dict[str, int] = {}
+        for r in self.records:
+            out[r["op"]] = out.get(r["op"], 0) + r["sent_bytes"]
+        return out

@@ -29,7 +29,7 @@ from typing import Any
 import cloudpickle
 import torch
 
-from . import agent, checking, invoke
+from . import agent, checking, distributed, invoke, invoke_world
 from .checking import Opaque
 
 #: Largest answer the grader reads back from a kernel (bytes).
@@ -81,7 +81,7 @@ class KernelLink:
         self.broken = ""
         self._ids = itertools.count()
         # Registered once: cloudpickle then ships these modules' code by value with every request.
-        for module in (agent, invoke):
+        for module in (agent, invoke, invoke_world, distributed):
             cloudpickle.register_pickle_by_value(module)
         self._agent = cloudpickle.dumps(agent.serve)
 
@@ -213,27 +213,62 @@ class RemoteTester(checking.Tester):
                 "this check needs the learner's object in the grader's process, which trusted "
                 "grading never allows (a bug in the course: tell the instructor)"
             )
+        return self._ask(
+            {
+                "op": "call",
+                "name": fn._name,
+                "probe": probe,
+                "args": args,
+                "kwargs": kwargs,
+                "watch": watch,
+            }
+        )
+
+    def _invoke_world(
+        self,
+        world_size: int,
+        args_per_rank: list[tuple[Any, ...]],
+        kwargs_per_rank: list[dict[str, Any]],
+        probe: Callable[..., Any] | None,
+        watch: Callable[[], Any] | None,
+        timeout: float,
+    ) -> dict[str, Any]:
+        outcome = self._ask(
+            {
+                "op": "world",
+                "name": self.fn._name,
+                "world_size": world_size,
+                "probe": probe,
+                "args": args_per_rank,
+                "kwargs": kwargs_per_rank,
+                "watch": watch,
+                "timeout": timeout,
+            }
+        )
+        if outcome["kind"] == "ok" and not all(
+            isinstance(outcome.get(key), list) and len(outcome[key]) == world_size
+            for key in ("values", "args", "kwargs")
+        ):
+            raise checking.CheckFailure(
+                f"{self.fn.__name__} sent back an answer the grader cannot read"
+            )
+        return outcome
+
+    def _ask(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """One request with the exercise's guards; the outcome, or CheckFailure in one line."""
+        shown = self.fn.__name__
+        # The battery's probes and watches travel by value, like the agent.
         for module in _battery_modules():
             cloudpickle.register_pickle_by_value(module)
+        payload = dict(payload, backward=self.exercise.backward, forbidden=self.exercise.forbidden)
         try:
-            outcome = self.link.request(
-                {
-                    "op": "call",
-                    "name": fn._name,
-                    "probe": probe,
-                    "args": args,
-                    "kwargs": kwargs,
-                    "backward": self.exercise.backward,
-                    "forbidden": self.exercise.forbidden,
-                    "watch": watch,
-                }
-            )
+            outcome = self.link.request(payload)
         except KernelTimeout as err:
-            raise checking.CheckFailure(f"{fn.__name__} was stopped: {err}") from None
+            raise checking.CheckFailure(f"{shown} was stopped: {err}") from None
         except KernelGone as err:
-            raise checking.CheckFailure(f"{fn.__name__} could not be called: {err}") from None
-        if outcome.get("kind") not in invoke.KINDS:
-            raise checking.CheckFailure(f"{fn.__name__} sent back an answer the grader cannot read")
+            raise checking.CheckFailure(f"{shown} could not be called: {err}") from None
+        if outcome.get("kind") not in (*invoke.KINDS, "deadlock", "died"):
+            raise checking.CheckFailure(f"{shown} sent back an answer the grader cannot read")
         return outcome
 
 

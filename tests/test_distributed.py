@@ -172,3 +172,50 @@ def test_sync_batchnorm_statistics_match_batchnorm_on_the_whole_batch():
     for r in ranks:
         torch.testing.assert_close(r["mean"], x.mean((0, 2, 3)))
         torch.testing.assert_close(r["var"], x.var((0, 2, 3), unbiased=False))
+
+
+# ---- CommCounter ---------------------------------------------------------------------------
+def _count(rank: int, world_size: int) -> dict:
+    from course_utils.distributed import CommCounter
+
+    with CommCounter() as comm:
+        with comm.label("reduce"):
+            dist.all_reduce(torch.ones(12, dtype=torch.float64))
+        with comm.label("gather"):
+            out = [torch.empty(3) for _ in range(world_size)]
+            dist.all_gather(out, torch.ones(3))
+        with comm.label("scatter"):
+            if 12 % world_size == 0:
+                chunks = list(torch.ones(12, dtype=torch.float64).chunk(world_size))
+                dist.reduce_scatter(torch.empty_like(chunks[0]), chunks)
+        with comm.label("p2p"):
+            if world_size > 1:
+                req = dist.isend(torch.ones(5), (rank + 1) % world_size)
+                dist.recv(torch.empty(5), (rank - 1) % world_size)
+                req.wait()
+    return {"by": comm.by_label(), "ops": comm.by_op(), "n": len(comm.records)}
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_comm_counter_counts_ring_bytes_per_label(world_size):
+    p = world_size
+    for rank, got in enumerate(run_world(_count, p)):
+        by = got["by"]
+        assert by["reduce"] == 2 * (p - 1) * 96 // p  # 12 float64 through a ring all-reduce
+        assert by["gather"] == (p - 1) * 12  # p-1 chunks of 3 float32 passed on
+        if 12 % p == 0:
+            assert by["scatter"] == (p - 1) * 96 // p
+        assert by.get("p2p", 0) == (20 if p > 1 else 0), rank
+
+
+def _counter_leaves_dist_as_it_was(rank: int, world_size: int) -> bool:
+    from course_utils.distributed import CommCounter
+
+    before = dist.all_reduce
+    with CommCounter():
+        inside = dist.all_reduce
+    return before is dist.all_reduce and inside is not before
+
+
+def test_comm_counter_restores_torch_distributed():
+    assert run_world(_counter_leaves_dist_as_it_was, 2) == [True, True]
