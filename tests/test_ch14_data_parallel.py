@@ -13,25 +13,20 @@ no_sync never switched back. Last, the torchrun script of the chapter.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
+from launch import torchrun
 from torch import nn
 
 import course_utils as cu
 from course_utils.checks import ch14_data_parallel as ch14
 
-ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1, 2)
 
 
@@ -300,7 +295,9 @@ def test_ring_that_averages_is_named():
 
 
 def test_ring_with_mixed_chunk_indices_is_named():
-    _rejects("ring_all_reduce", ring_mixed_chunks, r"chunk indices are mixed up", r"holds data of chunk")
+    _rejects(
+        "ring_all_reduce", ring_mixed_chunks, r"chunk indices are mixed up", r"holds data of chunk"
+    )
 
 
 def test_ring_that_gathers_the_wrong_chunks_is_named():
@@ -621,27 +618,9 @@ def test_ddp_is_listed_as_a_class_exercise():
 # =====================================================================================
 # The torchrun script
 # =====================================================================================
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_script_trains_like_serial():
-    torchrun = Path(sys.executable).with_name("torchrun")
-    launcher = (
-        [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
-    )
-    cmd = [
-        *launcher,
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(_free_port()),
-        "-m",
-        "course_utils.scripts.ch14_ddp",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=90)
+    done = torchrun("course_utils.scripts.ch14_ddp", nproc=2, timeout=90)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert re.search(r"ch14_ddp: world of 2 .* equal to serial training", done.stdout), done.stdout
+    assert re.search(r"ch14_ddp: world of 2 \(gloo\).* equal to serial training", done.stdout), (
+        done.stdout
+    )

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..checking import CheckFailure, Tester, exercise
-from ..distributed import WorldError, run_world
+from ..distributed import run_world
 
 CHAPTER = "14_data_parallel"
 Tensor = torch.Tensor
@@ -146,101 +146,6 @@ class RefDDP(nn.Module):
             yield
         finally:
             self.require_sync = saved
-
-
-# ---- running learner code on a world ----------------------------------------------------------
-def _world(
-    t: Tester,
-    case: str,
-    world_size: int,
-    args_per_rank: list[tuple],
-    *,
-    probe: Callable[..., Any] | None = None,
-    timeout: float = 5.0,
-) -> list[Any]:
-    """Per-rank results of the learner's code on a forked world (``t.world``, or a stand-in)."""
-    world = getattr(t, "world", None)
-    if world is not None:
-        return world(case, world_size, args_per_rank, probe=probe, timeout=timeout)
-    return _standin_world(t, case, world_size, args_per_rank, probe, timeout)
-
-
-class _RankFailure(Exception):
-    """A check failure inside a stand-in rank, raised so that run_world names the first one."""
-
-
-def _standin_world(
-    t: Tester,
-    case: str,
-    world_size: int,
-    args_per_rank: list[tuple],
-    probe: Callable[..., Any] | None,
-    timeout: float,
-) -> list[Any]:
-    """``Tester.world`` until it lands in checking.py: the same guards and messages, in brief."""
-    from .. import checking
-
-    name = getattr(t.fn, "__name__", t.exercise.id)
-    try:
-        return run_world(_standin_rank, world_size, t, case, args_per_rank, probe, timeout=timeout)
-    except WorldError as err:
-        text = str(err)
-        if "_RankFailure: __pending__" in text:
-            raise checking._Pending from None
-        if "_RankFailure: " in text:
-            raise CheckFailure(text.split("_RankFailure: ", 1)[1]) from None
-        if "did not finish" in text:
-            raise CheckFailure(f"in case {case}, {name} deadlocked: {text}") from None
-        raise CheckFailure(f"in case {case}, {name} failed: {text}") from None
-
-
-def _standin_rank(
-    rank: int, world_size: int, t: Tester, case: str, args_per_rank: list, probe: Any
-) -> Any:
-    from .. import checking
-
-    name = getattr(t.fn, "__name__", t.exercise.id)
-    used: list[str] = []
-    saved = []
-    if not checking._FORBIDDEN_CALLS_ALLOWED:
-        for item in t.exercise.forbidden:
-            if item.startswith("dist.") and getattr(dist, item[5:], None) is not None:
-
-                def refused(*_a: Any, _item: str = item, **_k: Any) -> Any:
-                    used.append(_item)
-                    raise RuntimeError(f"{_item} is not allowed in this exercise")
-
-                saved.append((dist, item[5:], getattr(dist, item[5:])))
-                setattr(dist, item[5:], refused)
-            elif item.startswith("torch.nn.parallel."):
-                cls = getattr(torch.nn.parallel, item.rsplit(".", 1)[1])
-
-                def refused_init(*_a: Any, _item: str = item, **_k: Any) -> None:
-                    used.append(_item)
-                    raise RuntimeError(f"{_item} may not be constructed in this exercise")
-
-                saved.append((cls, "__init__", cls.__init__))
-                cls.__init__ = refused_init
-    where = f"on rank {rank} of {world_size}, in case"
-    try:
-        if probe is None:
-            value = t.call(case, *args_per_rank[rank])
-        else:
-            value = t.probe(case, probe, *args_per_rank[rank])
-    except checking._Pending:
-        raise _RankFailure("__pending__") from None
-    except CheckFailure as failure:
-        if not used:
-            raise _RankFailure(str(failure).replace("in case", where, 1)) from None
-    finally:
-        for owner, attr, original in saved:
-            setattr(owner, attr, original)
-    if used:
-        raise _RankFailure(
-            f"on rank {rank}, {name} called {used[0]}, which this exercise may not use "
-            f"({t.exercise.forbidden_text()})."
-        )
-    return value
 
 
 # ---- ring all-reduce ------------------------------------------------------------------------
@@ -398,7 +303,7 @@ def _check_ring_all_reduce(t: Tester) -> None:
     for case, p, xs in _ring_cases(t):
         expected = torch.stack([x.double() for x in xs]).sum(0).to(xs[0].dtype)  # serial sum
         try:
-            outs = _world(t, case, p, [(x,) for x in xs])
+            outs = t.world(case, p, [(x,) for x in xs])
         except CheckFailure as failure:
             text = str(failure)
             if not _ring_divides(case) and even_ok and "deadlocked" not in text:
@@ -628,8 +533,7 @@ def _check_ddp(t: Tester) -> None:
         )
         data = _ddp_data(t.seed * 100 + p, p, _DDP_STEPS)
         want = run_world(_torch_ddp_rank, p, data, _DDP_STEPS, cap, timeout=20.0)
-        got = _world(
-            t,
+        got = t.world(
             case,
             p,
             [(data[r], _DDP_STEPS, cap) for r in range(p)],
