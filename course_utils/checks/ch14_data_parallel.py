@@ -297,6 +297,7 @@ def _ring_divides(case: str) -> bool:
     "the input is left untouched",
     reference=ref_ring_all_reduce,
     forbidden=COLLECTIVES,
+    budget=10.0,
 )
 def _check_ring_all_reduce(t: Tester) -> None:
     even_ok: list[str] = []
@@ -525,6 +526,7 @@ _DDP_STEPS = 3
     "backward and waited in finish_gradient_synchronization(); no_sync() accumulates locally",
     reference=RefDDP,
     forbidden=("torch.nn.parallel.DistributedDataParallel",),
+    budget=10.0,
 )
 def _check_ddp(t: Tester) -> None:
     for p, cap in _DDP_CASES:
