@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.distributed.distributed_c10d as c10d
 from launch import torchrun
 from torch import nn
 
@@ -80,11 +79,9 @@ def ring_batched(tensor):
             else:
                 out_i, in_i = (r + 1 - s) % p, (r - s) % p
             incoming = torch.empty_like(chunks[in_i])
-            # c10d's own isend/irecv: P2POp accepts only those objects, and run_world's tracer
-            # replaces dist.isend by a recording twin (reported to the lead)
             ops = [
-                dist.P2POp(c10d.isend, chunks[out_i], (r + 1) % p),
-                dist.P2POp(c10d.irecv, incoming, (r - 1) % p),
+                dist.P2POp(dist.isend, chunks[out_i], (r + 1) % p),
+                dist.P2POp(dist.irecv, incoming, (r - 1) % p),
             ]
             for req in dist.batch_isend_irecv(ops):
                 req.wait()
