@@ -1,4 +1,4 @@
-"""Shared fixtures: the course's own tests may hand the references in as answers."""
+"""Shared fixtures: the course's own tests may hand the references in as answers; chapter tests use one thread."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import torch
 
 from course_utils import checking
 
@@ -36,3 +37,18 @@ def solution_cells() -> Callable[[str, list[str]], list[str]]:
         return [c.source for c in nb.cells if c.cell_type == "code" and c.source.startswith(heads)]
 
     return cells
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread(request: pytest.FixtureRequest) -> Iterator[None]:
+    """In the chapter tests, one intra-op thread, as the checks use: on tiny tensors a second
+    thread only adds hand-off cost (up to 10x on a busy 2-core machine)."""
+    if not request.module.__name__.startswith("test_ch"):
+        yield
+        return
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)

@@ -28,16 +28,6 @@ SEEDS = range(20)
 MISTAKE_SEEDS = (0, 1, 7)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The checks work on tiny tensors, where a second intra-op thread only adds hand-off cost
-    (up to 10x on a busy 2-core machine); restore the caller's setting afterwards."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 # =====================================================================================
 # Correct implementations, one style each
 # =====================================================================================

@@ -24,15 +24,6 @@ SEEDS = range(20)
 MISTAKE_SEEDS = (0, 1, 7)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors: a second intra-op thread only adds hand-off cost; restore the setting afterwards."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def _dims(x):
     return tuple(d for d in range(x.dim()) if d != 1)
 

@@ -29,15 +29,6 @@ IDS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors: one intra-op thread avoids hand-off cost on a busy machine."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 # =====================================================================================
 # A second correct style, in four stages
 # =====================================================================================

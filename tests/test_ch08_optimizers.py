@@ -21,15 +21,6 @@ SEEDS = range(20)
 MISTAKE_SEEDS = (0, 1, 7)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors: a second intra-op thread only adds hand-off cost on a busy machine."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 # =====================================================================================
 # Correct implementations, one style each
 # =====================================================================================

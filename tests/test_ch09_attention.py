@@ -24,14 +24,6 @@ SEEDS = range(20)
 MISTAKE_SEEDS = (0, 1, 7)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def _allowed(L, S, attn_mask, is_causal):
     """(…, L, S) bool of allowed pairs and (…, L, S) float bias (or None), from the arguments."""
     allowed, bias = None, None

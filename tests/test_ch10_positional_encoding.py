@@ -23,15 +23,6 @@ SEEDS = range(20)
 MISTAKE_SEEDS = (0, 1, 7)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors: one intra-op thread, as the checks themselves use."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 # =====================================================================================
 # Correct implementations, one style each
 # =====================================================================================

@@ -28,14 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1, 2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def failure(exercise: str, fn, seed: int = 0) -> str:
     with pytest.raises(cu.CheckFailure) as err:
         cu.check(exercise, fn, seed=seed)

@@ -23,14 +23,6 @@ import course_utils as cu
 from course_utils.checks import ch16_sequence_context_parallel as ch16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 # =====================================================================================
 # Correct implementations in other styles
 # =====================================================================================
