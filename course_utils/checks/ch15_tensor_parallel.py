@@ -10,9 +10,7 @@ the battery compares them with the serial MLP, shard by shard.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -21,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checking import CheckFailure, Tester, exercise
+from ..distributed import CommCounter
 from ..gradcheck import compare
 
 CHAPTER = "15_tensor_parallel"
@@ -137,16 +136,6 @@ class _RefReduce(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         return grad, None
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -341,9 +330,8 @@ def _check_vocab_case(
 )
 def check_vocab_parallel_cross_entropy(t: Tester) -> None:
     """7 worlds of 1 to 4 ranks, uneven shards, shard maxima hundreds apart, float64 and float32."""
-    with _one_thread():
-        for config in VOCAB_CASES:
-            _check_vocab_case(t, *config)
+    for config in VOCAB_CASES:
+        _check_vocab_case(t, *config)
 
 
 # ---- ParallelMLP ---------------------------------------------------------------------------
@@ -361,21 +349,16 @@ def probe_parallel_mlp(
     cls: type, weight1: Tensor, bias1: Tensor, weight2: Tensor, bias2: Tensor, x: Tensor, dy: Tensor
 ) -> dict[str, Any]:
     """Inside one rank: build the learner's module, one forward and backward; plain data back."""
-    try:
-        from ..distributed import CommCounter
-    except ImportError:  # counting is a bonus where the course's counter exists
-        CommCounter = None  # noqa: N806
     module = cls(weight1, bias1, weight2, bias2)
     if not isinstance(module, nn.Module):
         return {"not_module": type(module).__name__}
     xin = x.clone().requires_grad_(True)
-    counter = CommCounter() if CommCounter is not None else contextlib.nullcontext()
-    with counter:
-        with counter.label("forward") if CommCounter else contextlib.nullcontext():
+    with CommCounter() as counter:
+        with counter.label("forward"):
             y = module(xin)
         if not torch.is_tensor(y) or not y.requires_grad:
             return {"y": y.detach() if torch.is_tensor(y) else repr(y), "no_graph": True}
-        with counter.label("backward") if CommCounter else contextlib.nullcontext():
+        with counter.label("backward"):
             (y * dy).sum().backward()
     params = [
         (
@@ -390,8 +373,7 @@ def probe_parallel_mlp(
         "dx": None if xin.grad is None else xin.grad.detach(),
         "params": params,
     }
-    if CommCounter is not None:
-        out["ops"] = [(r["op"], r["label"]) for r in counter.records]
+    out["ops"] = [(r["op"], r["label"]) for r in counter.records]
     return out
 
 
@@ -682,20 +664,19 @@ def _check_mlp_grid(t: Tester) -> None:
 )
 def check_parallel_mlp(t: Tester) -> None:
     """Worlds of 1 to 4 ranks: output, input gradient, every shard and its gradient; an uneven F."""
-    with _one_thread():
-        for config in MLP_CASES:
-            _check_mlp_case(t, *config)
-        _check_mlp_grid(t)
-        f, h = 8, 5
-        case = f"world of 3, H={h}, F={f} (3 does not divide F)"
-        w1, b1, w2, b2 = t.randn(f, h), t.randn(f), t.randn(h, f), t.randn(h)
-        said = t.world(case, 3, [(w1, b1, w2, b2)] * 3, probe=probe_parallel_mlp_uneven)
-        if not all(said):
-            t.fail(
-                case,
-                "ParallelMLP was built without complaint, though 3 ranks cannot hold equal "
-                f"shards of F={f}; raise a ValueError that names F and the world size.",
-            )
-        if "\n" in said[0].strip():
-            t.fail(case, f"the error should be one line, but it is: {said[0]!r}.")
-        t.ok(case, "error when the world size does not divide F", said[0][:80])
+    for config in MLP_CASES:
+        _check_mlp_case(t, *config)
+    _check_mlp_grid(t)
+    f, h = 8, 5
+    case = f"world of 3, H={h}, F={f} (3 does not divide F)"
+    w1, b1, w2, b2 = t.randn(f, h), t.randn(f), t.randn(h, f), t.randn(h)
+    said = t.world(case, 3, [(w1, b1, w2, b2)] * 3, probe=probe_parallel_mlp_uneven)
+    if not all(said):
+        t.fail(
+            case,
+            "ParallelMLP was built without complaint, though 3 ranks cannot hold equal "
+            f"shards of F={f}; raise a ValueError that names F and the world size.",
+        )
+    if "\n" in said[0].strip():
+        t.fail(case, f"the error should be one line, but it is: {said[0]!r}.")
+    t.ok(case, "error when the world size does not divide F", said[0][:80])
