@@ -130,9 +130,7 @@ def ring_numpy(tensor):
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_reference_ring_passes(seed):
-    start = time.perf_counter()
     assert _check("ring_all_reduce", ch14.ref_ring_all_reduce, seed).passed
-    assert time.perf_counter() - start < 10
 
 
 @pytest.mark.parametrize("fn", [ring_parity, ring_batched, ring_padded, ring_numpy])
@@ -339,7 +337,8 @@ def test_ring_that_deadlocks_names_rank_and_call():
         r"deadlocked",
         r"rank 0 is waiting in dist\.recv\(src=1\)",
     )
-    assert time.perf_counter() - start < 10
+    # stopped by the world's timeout, not left to hang (generous: a slow machine must not fail)
+    assert time.perf_counter() - start < 60
 
 
 def test_ring_that_calls_all_reduce_is_refused():
@@ -430,9 +429,7 @@ class DDPWaitAtEndOfBackward(ch14.RefDDP):
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_reference_ddp_passes(seed):
-    start = time.perf_counter()
     assert _check("ddp", ch14.RefDDP, seed).passed
-    assert time.perf_counter() - start < 10
 
 
 @pytest.mark.parametrize("cls", [DDPPerParameter, DDPWaitAtEndOfBackward])
