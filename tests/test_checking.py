@@ -235,7 +235,7 @@ def test_every_registered_reference_passes_its_own_battery_quickly():
         start = time.perf_counter()
         assert cu.check(ex.id, ex.reference).passed
         # Generous here (a loaded CI machine); the benchmark script records the real figures.
-        assert time.perf_counter() - start < 10
+        assert time.perf_counter() - start < 5 * ex.budget
 
 
 def test_check_failure_renders_without_checker_frames_in_ipython():
