@@ -22,7 +22,7 @@ Tensor = torch.Tensor
 
 # ---- reference ------------------------------------------------------------------------------
 def last_true_index(mask: Tensor) -> Tensor:
-    """(B,) int64: the index of the last True of each row of ``mask`` (B, T); 0 for an all-False row."""
+    """(B,) int64: the index of the last True of each row of ``mask`` (B, T); T-1 for an all-False row."""
     T = mask.shape[-1]
     return T - 1 - mask.flip(-1).long().argmax(-1)  # argmax finds the first maximum
 
