@@ -11,7 +11,10 @@ changes, wrong dtype and a tuple returned.
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
+import nbformat
 import numpy as np
 import pytest
 import torch
@@ -252,3 +255,106 @@ def test_stub_is_pending():
 def test_reference_handed_in_is_refused():
     with pytest.raises(cu.CheckFailure, match="course's own reference"):
         cu.check("kl_penalized_rewards", ch18.ref_kl_penalized_rewards)
+
+
+# =====================================================================================
+# The notebook's rollout helpers: padding, positions, the last token
+# =====================================================================================
+NOTEBOOK_CELLS = ("SUBJECTS = ", "@dataclass\nclass GPTConfig", "def left_pad(", "def score(")
+
+
+@pytest.fixture(scope="module")
+def nb():
+    """The solution notebook's corpus, model and rollout cells, run in one namespace."""
+    path = Path(__file__).resolve().parents[1] / "solutions" / f"{CHAPTER}.ipynb"
+    cells = [c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+    chosen = [s for s in cells if s.startswith(NOTEBOOK_CELLS)]
+    assert len(chosen) == len(NOTEBOOK_CELLS), "the notebook's helper cells moved or were renamed"
+    space: dict = {}
+    exec("import random\nfrom dataclasses import dataclass\nimport torch\n", space)
+    exec("import torch.nn.functional as F\nfrom torch import nn\n", space)
+    for source in chosen:
+        exec(source, space)
+    return SimpleNamespace(**space)
+
+
+def _batch(nb, prompts, completions):
+    """Left-padded prompts and right-padded completions -> tokens, attention mask, completion mask, P."""
+    p_tok, p_mask = nb.left_pad([nb.encode(p) for p in prompts])
+    T = max(map(len, completions)) + 2  # two columns of pure padding at the end
+    c_tok = torch.full((len(completions), T), nb.PAD_ID)
+    for b, c in enumerate(completions):
+        c_tok[b, : len(c)] = torch.tensor(nb.encode(c))
+    c_mask = c_tok != nb.PAD_ID
+    return torch.cat([p_tok, c_tok], 1), torch.cat([p_mask, c_mask], 1), c_mask, p_tok.shape[1]
+
+
+@pytest.mark.parametrize("seed", (0, 1))
+def test_left_and_right_padding_change_no_logprob_and_no_value(nb, seed):
+    torch.manual_seed(seed)
+    model = nb.TinyGPT().eval()
+    prompts = ["my dog", "this cake", "the cat", "our team"]  # 6, 9, 7, 8 characters
+    completions = [" is fun.", " was very boring.", " seems", " looks so"]  # 8, 17, 6, 9
+    tokens, attention, c_mask, P = _batch(nb, prompts, completions)
+    assert (~attention[:, 0]).sum() == 3 and (~c_mask[:, -1]).all()  # both paddings present
+    with torch.no_grad():
+        logp, values = nb.completion_logprobs(model, tokens, attention, P)
+        for b, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+            alone = torch.tensor([nb.encode(p + c)])
+            a_logp, a_values = nb.completion_logprobs(
+                model, alone, torch.ones_like(alone, dtype=torch.bool), len(p)
+            )
+            n = len(c)
+            torch.testing.assert_close(logp[b, :n], a_logp[0], rtol=0, atol=1e-5)
+            torch.testing.assert_close(values[b, :n], a_values[0], rtol=0, atol=1e-5)
+        # Three more columns of left padding on every row change nothing either.
+        pad = torch.full((len(prompts), 3), nb.PAD_ID)
+        more = torch.cat([pad, tokens], 1)
+        more_mask = torch.cat([pad != nb.PAD_ID, attention], 1)
+        logp2, values2 = nb.completion_logprobs(model, more, more_mask, P + 3)
+    torch.testing.assert_close(logp2[c_mask], logp[c_mask], rtol=0, atol=1e-5)
+    torch.testing.assert_close(values2[c_mask], values[c_mask], rtol=0, atol=1e-5)
+
+
+def test_column_positions_would_be_caught(nb):
+    """The padding test can fail: a model that numbers positions by column differs on left padding."""
+    torch.manual_seed(0)
+    model = nb.TinyGPT().eval()
+    tokens, attention, c_mask, P = _batch(nb, ["my dog", "this cake"], [" is fun.", " was sad."])
+    with torch.no_grad():
+        right, _ = nb.completion_logprobs(model, tokens, attention, P)
+        wrong, _ = nb.completion_logprobs(model, tokens, torch.ones_like(attention), P)
+    assert (right[0][c_mask[0]] - wrong[0][c_mask[0]]).abs().max() > 1e-3
+
+
+def test_generate_stops_each_row_at_its_end_token(nb):
+    torch.manual_seed(0)
+    model = nb.TinyGPT().eval()
+    prompts, p_mask = nb.left_pad([nb.encode(s) for s in ["my dog", "this cake", "the cat"] * 4])
+    tokens, mask = nb.generate(model, prompts, p_mask, 12, torch.Generator().manual_seed(0))
+    assert tokens.shape == mask.shape == (12, 12)
+    for b in range(12):
+        ends = (tokens[b] == nb.EOS_ID).nonzero().flatten().tolist()
+        n = ends[0] + 1 if ends else 12  # the end token is part of the completion
+        assert mask[b, :n].all() and not mask[b, n:].any()
+        assert (tokens[b, n:] == nb.PAD_ID).all()
+    assert nb.last_valid_index(mask).tolist() == (mask.sum(-1) - 1).tolist()
+
+
+def test_last_valid_index_on_left_padding_and_holes(nb):
+    mask = torch.tensor([[0, 0, 1, 1], [1, 0, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    assert nb.last_valid_index(mask).tolist() == [3, 2, 3]
+
+
+def test_an_empty_completion_is_refused_naming_its_row(nb):
+    mask = torch.tensor([[True, False], [True, True], [False, False]])
+    with pytest.raises(
+        ValueError, match=r"^row 2 of the completion mask has no valid token"
+    ) as err:
+        nb.last_valid_index(mask)
+    assert "\n" not in str(err.value)
+
+
+def test_score_counts_adjectives(nb):
+    got = nb.score([" is so fun.", " was dull.", " seems big.", " funfunfun.", ""]).tolist()
+    assert got == [1.0, -1.0, 0.0, 3.0, 0.0]
