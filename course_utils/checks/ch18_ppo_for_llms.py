@@ -84,8 +84,8 @@ def _mistakes(
             lambda: _place(-kl_coef * diff, scores, mask, last),
         ),
         (
-            "the KL penalty has the wrong sign: the reward is -kl_coef * (logprobs - ref_logprobs), "
-            "so tokens the policy likes more than the reference are penalised.",
+            "the KL penalty has the wrong sign: it rewards the tokens the policy likes more than the "
+            "reference. The reward is -kl_coef * (logprobs - ref_logprobs), a penalty for drifting away.",
             lambda: _place(-kl, scores, mask, last),
         ),
         (
