@@ -187,3 +187,23 @@ def test_a_backward_kernel_called_through_torch_ops_is_refused() -> None:
 
     with pytest.raises(cu.CheckFailure, match="backward kernel native_batch_norm_backward"):
         cu.check("batchnorm_backward", bn_backward)
+
+
+def test_a_reference_imported_by_two_batteries_is_restored_after_the_call() -> None:
+    import sys
+    import types
+
+    from course_utils import invoke as inv
+    from course_utils.checks import ch06_normalization as ch06
+
+    # a second battery module that binds the same reference under its own name
+    twin = types.ModuleType("course_utils.checks.ch99_twin")
+    twin.ref_rmsnorm_forward = ch06.ref_rmsnorm_forward
+    code = ch06.ref_rmsnorm_forward.__code__
+    sys.modules[twin.__name__] = twin
+    try:
+        assert inv.reference_functions().count(ch06.ref_rmsnorm_forward) == 1
+        inv.invoke(lambda: None, (), {})
+    finally:
+        del sys.modules[twin.__name__]
+    assert ch06.ref_rmsnorm_forward.__code__ is code
