@@ -595,12 +595,16 @@ def _check_q(t: Tester, case: str, q: Any, w: Tensor, scale: Tensor) -> None:
         f"`q` is not the nearest integer to w / scale at index {idx}: got {int(q[idx])}, and "
         f"w / scale there is {float(r[idx]):.4f}."
     )
-    if torch.equal(q.double(), r.trunc()):
+    # float32 quotients may land a hair on the other side of an integer: most entries decide
+    def mostly(model: Tensor) -> bool:
+        return bool((q.double() == model).double().mean() >= 0.9) and float(q[idx]) == float(model[idx])
+
+    if mostly(r.trunc()):
         line += (
             " It looks like w / scale was truncated toward zero (.to(torch.int8) or .int() on the "
             "quotient): round it first with torch.round (half to even)."
         )
-    elif torch.equal(q.double(), r.floor()):
+    elif mostly(r.floor()):
         line += " It looks like w / scale was floored; round it with torch.round."
     elif bool((q.double() - r.round()).abs().max() >= 100):
         line += " It looks like it overflowed int8: clamp to [-127, 127] before converting."
