@@ -53,7 +53,8 @@ def test_contract_references_pass(exercise_id, seed):
 @needs_triton
 @pytest.mark.parametrize("seed", (0, 3))
 @pytest.mark.parametrize(
-    "exercise_id", ["triton_softmax", "triton_rmsnorm", "triton_rmsnorm_backward", "triton_int8_gemv"]
+    "exercise_id",
+    ["triton_softmax", "triton_rmsnorm", "triton_rmsnorm_backward", "triton_int8_gemv"],
 )
 def test_triton_references_pass(exercise_id, seed):
     assert cu.check(exercise_id, cu.reference(exercise_id), seed=seed).passed
@@ -62,7 +63,12 @@ def test_triton_references_pass(exercise_id, seed):
 def test_exercises_listed():
     ids = {e.id for e in cu.exercises("13")}
     assert {"rmsnorm_backward", "quantize_int8", "int8_gemv", "pack_int4", "unpack_int4"} <= ids
-    assert {"triton_softmax", "triton_rmsnorm", "triton_rmsnorm_backward", "triton_int8_gemv"} <= ids
+    assert {
+        "triton_softmax",
+        "triton_rmsnorm",
+        "triton_rmsnorm_backward",
+        "triton_int8_gemv",
+    } <= ids
 
 
 def test_checks_module_imports_without_triton_kernels():
@@ -291,7 +297,9 @@ def test_gemv_styles_pass(fn):
 
 def test_gemv_materialises_float_weight():
     def wrong(x, q, scale):
-        w = q.to(x.dtype if x.dtype == torch.float64 else torch.float32) * scale[:, None].to(torch.float32)
+        w = q.to(x.dtype if x.dtype == torch.float64 else torch.float32) * scale[:, None].to(
+            torch.float32
+        )
         return (x.to(w.dtype) @ w.T).to(x.dtype)
 
     _fails("int8_gemv", wrong, "materialised the dequantised (N, K) weight")
@@ -306,7 +314,11 @@ def test_gemv_broadcast_product_is_wide_too():
 
 def test_gemv_wrong_dtype():
     def wrong(x, q, scale):
-        return ch13.ref_int8_gemv(x, q, scale).float() if x.dtype == torch.bfloat16 else ch13.ref_int8_gemv(x, q, scale)
+        return (
+            ch13.ref_int8_gemv(x, q, scale).float()
+            if x.dtype == torch.bfloat16
+            else ch13.ref_int8_gemv(x, q, scale)
+        )
 
     _fails("int8_gemv", wrong, "the contract returns x's dtype")
 
@@ -476,10 +488,16 @@ if triton is not None:
         if SUB_MAX:
             x = x - tl.max(x, axis=0)
         e = tl.exp(x)
-        tl.store(y_ptr + row * n_cols + offs, (e / tl.sum(e, axis=0)).to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(
+            y_ptr + row * n_cols + offs,
+            (e / tl.sum(e, axis=0)).to(y_ptr.dtype.element_ty),
+            mask=mask,
+        )
 
     @triton.jit
-    def rmsnorm_variant(x_ptr, w_ptr, y_ptr, n_cols, eps, BLOCK: tl.constexpr, DIV_BLOCK: tl.constexpr):
+    def rmsnorm_variant(
+        x_ptr, w_ptr, y_ptr, n_cols, eps, BLOCK: tl.constexpr, DIV_BLOCK: tl.constexpr
+    ):
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         mask = offs < n_cols
@@ -493,7 +511,17 @@ if triton is not None:
         tl.store(y_ptr + row * n_cols + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def gemv_variant(x_ptr, q_ptr, s_ptr, o_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MASK_K: tl.constexpr):
+    def gemv_variant(
+        x_ptr,
+        q_ptr,
+        s_ptr,
+        o_ptr,
+        N,
+        K,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        MASK_K: tl.constexpr,
+    ):
         pid, b = tl.program_id(0), tl.program_id(1)
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -504,7 +532,9 @@ if triton is not None:
             else:
                 km = k < k0 + BLOCK_K
             xv = tl.load(x_ptr + b * K + k, mask=km, other=0.0).to(tl.float32)
-            w = tl.load(q_ptr + n[:, None] * K + k[None, :], mask=(n[:, None] < N) & km[None, :], other=0)
+            w = tl.load(
+                q_ptr + n[:, None] * K + k[None, :], mask=(n[:, None] < N) & km[None, :], other=0
+            )
             acc += tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
         s = tl.load(s_ptr + n, mask=n < N, other=0.0)
         tl.store(o_ptr + b * N + n, (acc * s).to(o_ptr.dtype.element_ty), mask=n < N)
@@ -572,7 +602,9 @@ def test_triton_softmax_forbids_torch_softmax():
 def test_triton_rmsnorm_mean_over_block():
     def triton_rmsnorm(x, weight, eps=1e-6):
         y = torch.empty_like(x)
-        rmsnorm_variant[(x.shape[0],)](x, weight, y, x.shape[1], eps, BLOCK=triton.next_power_of_2(x.shape[1]), DIV_BLOCK=True)
+        rmsnorm_variant[(x.shape[0],)](
+            x, weight, y, x.shape[1], eps, BLOCK=triton.next_power_of_2(x.shape[1]), DIV_BLOCK=True
+        )
         return y
 
     _fails("triton_rmsnorm", triton_rmsnorm, "divided by BLOCK")
@@ -582,7 +614,9 @@ def test_triton_rmsnorm_mean_over_block():
 def test_triton_rmsnorm_variant_correct_passes():
     def triton_rmsnorm(x, weight, eps=1e-6):
         y = torch.empty_like(x)
-        rmsnorm_variant[(x.shape[0],)](x, weight, y, x.shape[1], eps, BLOCK=triton.next_power_of_2(x.shape[1]), DIV_BLOCK=False)
+        rmsnorm_variant[(x.shape[0],)](
+            x, weight, y, x.shape[1], eps, BLOCK=triton.next_power_of_2(x.shape[1]), DIV_BLOCK=False
+        )
         return y
 
     assert cu.check("triton_rmsnorm", triton_rmsnorm).passed
@@ -592,7 +626,9 @@ def _gemv_launch(mask_k):
     def triton_int8_gemv(x, q, scale):
         out = torch.empty(x.shape[0], q.shape[0], dtype=x.dtype)
         grid = (triton.cdiv(q.shape[0], 4), x.shape[0])
-        gemv_variant[grid](x, q, scale, out, q.shape[0], q.shape[1], BLOCK_N=4, BLOCK_K=32, MASK_K=mask_k)
+        gemv_variant[grid](
+            x, q, scale, out, q.shape[0], q.shape[1], BLOCK_N=4, BLOCK_K=32, MASK_K=mask_k
+        )
         return out
 
     return triton_int8_gemv
@@ -611,7 +647,9 @@ def test_triton_gemv_k_not_masked():
 @needs_triton
 def test_triton_rmsnorm_backward_rstd_constant_in_kernel():
     def triton_rmsnorm_backward(dout, x, weight, eps=1e-6):
-        dx, dw = ch13.ref_triton_rmsnorm_backward(dout.contiguous(), x.contiguous(), weight.contiguous(), eps)
+        dx, dw = ch13.ref_triton_rmsnorm_backward(
+            dout.contiguous(), x.contiguous(), weight.contiguous(), eps
+        )
         rstd = torch.rsqrt((x * x).mean(-1, keepdim=True) + eps)
         return dout * weight * rstd, dw
 
@@ -636,7 +674,13 @@ def test_check_arms_guards_around_the_interpreter():
         references=[],
     )
     assert out["kind"] == "ok", out
-    out = invoke(ch13.ref_triton_int8_gemv, (torch.randn(2, 16), torch.ones(4, 16, dtype=torch.int8), torch.ones(4)), {}, watch=ch13.WideTensorWatch, references=[])
+    out = invoke(
+        ch13.ref_triton_int8_gemv,
+        (torch.randn(2, 16), torch.ones(4, 16, dtype=torch.int8), torch.ones(4)),
+        {},
+        watch=ch13.WideTensorWatch,
+        references=[],
+    )
     assert out["kind"] == "ok" and out["watch"] is not None, out
 
 
@@ -671,7 +715,9 @@ def test_rope_swiglu_int4_kernels_match_torch():
 def test_flash_attention_kernel_matches_sdpa(causal, alibi):
     torch.manual_seed(1)
     q, k, v = (torch.randn(1, 2, 37, 16) for _ in range(3))
-    o = ch13.ref_triton_flash_attention(q, k, v, is_causal=causal, alibi=alibi, block_m=16, block_n=16)
+    o = ch13.ref_triton_flash_attention(
+        q, k, v, is_causal=causal, alibi=alibi, block_m=16, block_n=16
+    )
     bias = ch13.attention_bias(2, 37, 37, alibi, causal)
     want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=bias)
     assert torch.allclose(o.double(), want, atol=1e-5)
@@ -682,13 +728,17 @@ def test_launchers_one_line_errors():
     with pytest.raises(TypeError, match="dtype int8, got float32"):
         ch13.ref_triton_int8_gemv(torch.randn(1, 8), torch.randn(4, 8), torch.ones(4))
     with pytest.raises(TypeError, match="dtype uint8, got int8"):
-        ch13.ref_triton_int4_gemv(torch.randn(1, 8), torch.zeros(4, 4, dtype=torch.int8), torch.ones(4))
+        ch13.ref_triton_int4_gemv(
+            torch.randn(1, 8), torch.zeros(4, 4, dtype=torch.int8), torch.ones(4)
+        )
     with pytest.raises(ValueError, match="contiguous `x`"):
         ch13.ref_triton_softmax(torch.randn(6, 4).T)
     with pytest.raises(ValueError, match="contiguous `x`"):
         ch13.ref_triton_rmsnorm(torch.randn(6, 4).T, torch.ones(6))
     with pytest.raises(ValueError, match="even K"):
-        ch13.ref_triton_int4_gemv(torch.randn(1, 7), torch.zeros(4, 3, dtype=torch.uint8), torch.ones(4))
+        ch13.ref_triton_int4_gemv(
+            torch.randn(1, 7), torch.zeros(4, 3, dtype=torch.uint8), torch.ones(4)
+        )
     with pytest.raises(TypeError, match="dtype int8"):
         ch13.ref_int8_gemv(torch.randn(1, 8), torch.randn(4, 8), torch.ones(4))
 

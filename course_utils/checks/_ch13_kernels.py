@@ -37,7 +37,9 @@ def rmsnorm_forward_kernel(
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)  # divide by n_cols, not BLOCK
     tl.store(rstd_ptr + row, rstd)
-    tl.store(y_ptr + row * y_row_stride + cols, (x * rstd * w).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        y_ptr + row * y_row_stride + cols, (x * rstd * w).to(y_ptr.dtype.element_ty), mask=mask
+    )
 
 
 @triton.jit
@@ -177,7 +179,9 @@ def int4_gemv_kernel(
         hi = (p >> 4) & 15
         lo = lo - ((lo >> 3) << 4)  # nibbles 8..15 are -8..-1 in two's complement
         hi = hi - ((hi >> 3) << 4)
-        acc += tl.sum(lo.to(tl.float32) * x_even[None, :] + hi.to(tl.float32) * x_odd[None, :], axis=1)
+        acc += tl.sum(
+            lo.to(tl.float32) * x_even[None, :] + hi.to(tl.float32) * x_odd[None, :], axis=1
+        )
     scale = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     out = (acc * scale).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + b * out_row_stride + offs_n, out, mask=n_mask)
@@ -211,7 +215,11 @@ def flash_attention_kernel(
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     m_mask = offs_m < L
-    q = tl.load(q_ptr + bh * L * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=m_mask[:, None], other=0.0)
+    q = tl.load(
+        q_ptr + bh * L * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+        mask=m_mask[:, None],
+        other=0.0,
+    )
     m_i = tl.full((BLOCK_M,), -float("inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)

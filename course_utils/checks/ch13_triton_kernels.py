@@ -183,7 +183,16 @@ def ref_triton_rmsnorm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     block = _next_pow2(x2.shape[1])
     warps = 4 if block < 2048 else 8 if block < 8192 else 16
     kernels().rmsnorm_forward_kernel[(x2.shape[0],)](
-        x2, weight, y, rstd, x2.shape[1], x2.stride(0), y.stride(0), eps, BLOCK=block, num_warps=warps
+        x2,
+        weight,
+        y,
+        rstd,
+        x2.shape[1],
+        x2.stride(0),
+        y.stride(0),
+        eps,
+        BLOCK=block,
+        num_warps=warps,
     )
     return y.view(x.shape)
 
@@ -222,7 +231,9 @@ def ref_triton_swiglu(gate: Tensor, up: Tensor, block: int = 1024) -> Tensor:
     """silu(gate) * up, elementwise, on contiguous tensors of one shape."""
     require_contiguous("triton_swiglu", gate=gate, up=up)
     if gate.shape != up.shape:
-        raise ValueError(f"triton_swiglu needs gate and up of one shape, got {tuple(gate.shape)} and {tuple(up.shape)}.")
+        raise ValueError(
+            f"triton_swiglu needs gate and up of one shape, got {tuple(gate.shape)} and {tuple(up.shape)}."
+        )
     y = torch.empty_like(gate)
     n = gate.numel()
     kernels().swiglu_kernel[(_cdiv(n, block),)](gate, up, y, n, BLOCK=block)
@@ -246,14 +257,21 @@ def ref_triton_int8_gemv(
 
 
 def ref_triton_int4_gemv(
-    x: Tensor, packed: Tensor, scale: Tensor, block_n: int = 16, block_k: int = 512, num_warps: int = 4
+    x: Tensor,
+    packed: Tensor,
+    scale: Tensor,
+    block_n: int = 16,
+    block_k: int = 512,
+    num_warps: int = 4,
 ) -> Tensor:
     """x (B, K) @ (unpack_int4(packed (N, K/2) uint8) * scale[:, None])^T in x's dtype."""
     require_dtype("triton_int4_gemv", "packed", packed, torch.uint8)
     require_contiguous("triton_int4_gemv", x=x, packed=packed, scale=scale)
     (b, k), n = x.shape, packed.shape[0]
     if k % 2 or packed.shape[1] * 2 != k:
-        raise ValueError(f"triton_int4_gemv needs packed of shape (N, K/2) for an even K = {k}, got {tuple(packed.shape)}.")
+        raise ValueError(
+            f"triton_int4_gemv needs packed of shape (N, K/2) for an even K = {k}, got {tuple(packed.shape)}."
+        )
     out = torch.empty(b, n, dtype=x.dtype, device=x.device)
     block_k = max(2, min(block_k, _next_pow2(k)))
     kernels().int4_gemv_kernel[(_cdiv(n, block_n), b)](
@@ -281,7 +299,9 @@ def ref_triton_flash_attention(
     require_contiguous("triton_flash_attention", q=q, k=k, v=v)
     (bsz, h, L, d), S = q.shape, k.shape[2]
     if d < 16 or d & (d - 1):
-        raise ValueError(f"triton_flash_attention needs a head dim that is a power of two >= 16, got {d}.")
+        raise ValueError(
+            f"triton_flash_attention needs a head dim that is a power of two >= 16, got {d}."
+        )
     o = torch.empty_like(q)
     slopes = alibi_slopes(h).to(torch.float32).to(q.device)
     kernels().flash_attention_kernel[(_cdiv(L, block_m), bsz * h)](
@@ -425,7 +445,10 @@ def _rms_dx_mistakes(dout: Tensor, x: Tensor, w: Tensor, eps: float) -> list:
             "the mean-of-squares term lost its rstd: it is xhat * mean(dout * weight * xhat), with xhat = x * rstd.",
             lambda: rstd * (g - x * (g * x).mean(-1, keepdim=True)),
         ),
-        ("dx was not multiplied by the weight.", lambda: rstd * (d - xhat * (d * xhat).mean(-1, keepdim=True))),
+        (
+            "dx was not multiplied by the weight.",
+            lambda: rstd * (d - xhat * (d * xhat).mean(-1, keepdim=True)),
+        ),
         (
             "the mean of x**2 was taken with LayerNorm's centring (x - mean(x)); RMSNorm does not centre.",
             lambda: _centred_dx(d, x, w, eps, n),
@@ -446,8 +469,14 @@ def _rms_dw_mistakes(dout: Tensor, x: Tensor, eps: float) -> list:
     if not lead:
         return [("dweight = dout * x; it is dout * xhat, the normalised input.", lambda: d * x)]
     return [
-        ("dweight sums dout * x; it is the sum of dout * xhat, the normalised input.", lambda: (d * x).sum(lead)),
-        ("dweight is a mean over the leading dims; it is their sum.", lambda: (d * xhat).mean(lead)),
+        (
+            "dweight sums dout * x; it is the sum of dout * xhat, the normalised input.",
+            lambda: (d * x).sum(lead),
+        ),
+        (
+            "dweight is a mean over the leading dims; it is their sum.",
+            lambda: (d * xhat).mean(lead),
+        ),
     ]
 
 
@@ -546,7 +575,10 @@ def _check_scale(t: Tester, case: str, scale: Any, w: Tensor) -> Tensor:
             f"one scale per output row, shape ({n},): scale[n] = max_k |w[n, k]| / 127.",
         )
     if not torch.is_tensor(scale) or not scale.is_floating_point():
-        t.fail(case, f"`scale` should be a floating-point tensor of shape ({n},), but it is {_what(scale)}.")
+        t.fail(
+            case,
+            f"`scale` should be a floating-point tensor of shape ({n},), but it is {_what(scale)}.",
+        )
     amax = w.double().abs().amax(-1)
     want = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
     mistakes = [
@@ -571,7 +603,15 @@ def _check_scale(t: Tester, case: str, scale: Any, w: Tensor) -> Tensor:
             "w / 0 gives NaN).",
         )
     got = t.expect_tensor(case, "scale", scale, shape=(n,), dtype=None)
-    t.compare(case, "scale", got.double(), want, rtol=2e-7 if w.dtype == torch.float64 else 2e-6, atol=0.0, mistakes=mistakes)
+    t.compare(
+        case,
+        "scale",
+        got.double(),
+        want,
+        rtol=2e-7 if w.dtype == torch.float64 else 2e-6,
+        atol=0.0,
+        mistakes=mistakes,
+    )
     return want
 
 
@@ -595,9 +635,12 @@ def _check_q(t: Tester, case: str, q: Any, w: Tensor, scale: Tensor) -> None:
         f"`q` is not the nearest integer to w / scale at index {idx}: got {int(q[idx])}, and "
         f"w / scale there is {float(r[idx]):.4f}."
     )
+
     # float32 quotients may land a hair on the other side of an integer: most entries decide
     def mostly(model: Tensor) -> bool:
-        return bool((q.double() == model).double().mean() >= 0.9) and float(q[idx]) == float(model[idx])
+        return bool((q.double() == model).double().mean() >= 0.9) and float(q[idx]) == float(
+            model[idx]
+        )
 
     if mostly(r.trunc()):
         line += (
@@ -663,7 +706,14 @@ def _gemv_cases(t: Tester) -> list[tuple[str, Tensor, Tensor, Tensor]]:
         q = (t.randint(255, n, k) - 127).to(torch.int8)
         scale = (t.rand(n) * 0.05 + 0.001).to(dtype if dtype != torch.bfloat16 else torch.float32)
         x = t.randn(b, k).to(dtype)
-        out.append((f"x ({b}, {k}) {str(dtype)[6:]}, q ({n}, {k}) int8, scale {str(scale.dtype)[6:]}", x, q, scale))
+        out.append(
+            (
+                f"x ({b}, {k}) {str(dtype)[6:]}, q ({n}, {k}) int8, scale {str(scale.dtype)[6:]}",
+                x,
+                q,
+                scale,
+            )
+        )
     return out
 
 
@@ -674,8 +724,14 @@ def _gemv_want(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
 def _gemv_mistakes(x: Tensor, q: Tensor, scale: Tensor) -> list:
     xd, qd, s = x.double(), q.double(), scale.double()
     return [
-        ("the scale was not applied: multiply each output column n by scale[n].", lambda: xd @ qd.T),
-        ("the output was divided by the scale; dequantising multiplies: w = q * scale.", lambda: (xd @ qd.T) / s),
+        (
+            "the scale was not applied: multiply each output column n by scale[n].",
+            lambda: xd @ qd.T,
+        ),
+        (
+            "the output was divided by the scale; dequantising multiplies: w = q * scale.",
+            lambda: (xd @ qd.T) / s,
+        ),
     ]
 
 
@@ -741,7 +797,11 @@ def _exact(t: Tester, case: str, quantity: str, got: Any, want: Tensor, mistakes
     line = f"`{quantity}` is wrong {_first_difference(got, want)}."
     for sentence, alt in mistakes:
         alt_t = alt() if callable(alt) else alt
-        if alt_t is not None and alt_t.shape == got.shape and torch.equal(got.to(torch.int16), alt_t.to(torch.int16)):
+        if (
+            alt_t is not None
+            and alt_t.shape == got.shape
+            and torch.equal(got.to(torch.int16), alt_t.to(torch.int16))
+        ):
             line += f" It looks like {sentence}"
             break
     t.fail(case, line)
@@ -762,12 +822,19 @@ def check_pack_int4(t: Tester) -> None:
     """Every value in both nibbles, exact; names swapped nibbles and offset (q + 8) encoding."""
     for case, q in _int4_cases(t):
         got = t.call(case, q)
-        if torch.is_tensor(got) and got.dtype == torch.int8 and tuple(got.shape) == (q.shape[0], q.shape[1] // 2):
+        if (
+            torch.is_tensor(got)
+            and got.dtype == torch.int8
+            and tuple(got.shape) == (q.shape[0], q.shape[1] // 2)
+        ):
             t.fail(case, "`packed` has dtype int8; the contract packs into uint8 (bytes 0..255).")
         want = ref_pack_int4(q)
         offset = (q.to(torch.int16) + 8).to(torch.uint8)
         mistakes = [
-            ("the nibbles are swapped: q[2j] belongs in the LOW four bits, q[2j+1] in the high four.", _swap(want)),
+            (
+                "the nibbles are swapped: q[2j] belongs in the LOW four bits, q[2j+1] in the high four.",
+                _swap(want),
+            ),
             (
                 "the values were stored as q + 8 (offset binary); the contract stores each as a 4-bit "
                 "two's-complement nibble (q & 0xF: -1 is 0b1111).",
@@ -807,7 +874,7 @@ def check_unpack_int4(t: Tester) -> None:
             ),
             (
                 "the nibbles are swapped: the low four bits hold q[2j], the high four q[2j+1].",
-                lambda: ref_unpack_int4(_swap(packed)),
+                ref_unpack_int4(_swap(packed)),
             ),
         ]
         _exact(t, case, "q", got, want, mistakes)
@@ -845,7 +912,11 @@ def _softmax_cases(t: Tester) -> list[tuple[str, Tensor, bool]]:
         ("x (5, 37) float32, N not a power of two", t.randn(5, 37, dtype=f32, scale=2.0), False),
         ("x (1, 1) float32", t.randn(1, 1, dtype=f32), False),
         ("x (3, 20) float16", t.randn(3, 20, dtype=f16), False),
-        ("x (3, 24) float32, values of magnitude ~1e4", t.randn(3, 24, dtype=f32, scale=1e4), False),
+        (
+            "x (3, 24) float32, values of magnitude ~1e4",
+            t.randn(3, 24, dtype=f32, scale=1e4),
+            False,
+        ),
     ]
 
 
@@ -885,7 +956,9 @@ def _rmsnorm_kernel_mistakes(x: Tensor, w: Tensor, eps: float) -> list:
         (
             "the sum of squares was divided by BLOCK, the padded width, not by n_cols: the mean runs over "
             "the row's real entries only.",
-            (lambda: xd * torch.rsqrt((xd * xd).sum(-1, keepdim=True) / block + eps) * wd) if block > n else None,
+            (lambda: xd * torch.rsqrt((xd * xd).sum(-1, keepdim=True) / block + eps) * wd)
+            if block > n
+            else None,
         )
     ]
     return out + _rms_mistakes(x, w, eps)
@@ -947,7 +1020,12 @@ def check_triton_rmsnorm_backward(t: Tester) -> None:
     """Against autograd through the forward: N a power of two and not, rows not a multiple of a group."""
     even_ok = True
     f32 = torch.float32
-    for shape, eps, even in (((4, 16), None, True), ((3, 10), 1e-2, False), ((9, 37), 1e-6, False), ((1, 5), 0.5, False)):
+    for shape, eps, even in (
+        ((4, 16), None, True),
+        ((3, 10), 1e-2, False),
+        ((9, 37), 1e-6, False),
+        ((1, 5), 0.5, False),
+    ):
         x = (t.randn(*shape) + t.randn(shape[0], 1)).to(f32)
         w = (1.0 + 0.5 * t.randn(shape[-1])).to(f32)
         dout = t.randn(*shape).to(f32)
