@@ -14,10 +14,11 @@ and, on a machine whose Triton compiles for a GPU, moves the inputs to CUDA and 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
@@ -406,16 +407,29 @@ def padded(x: Tensor, fill: float, extra: int | None = None) -> Tensor:
     return buf[: x.numel()].view(x.shape)
 
 
-def _ragged_hint(failure: CheckFailure, sizes_ok: bool) -> CheckFailure:
-    """Add the missing-mask hint to a failure on a case whose size is not a power of two."""
-    text = str(failure)
-    if sizes_ok and "It looks like" not in text:
-        text += (
-            " The cases whose sizes are powers of two passed and this one is not: it looks like the "
-            "last block is not masked (load with mask=offs < n and a neutral `other`, store with the "
-            "same mask)."
-        )
-    return CheckFailure(text)
+class _Ragged:
+    """Adds the missing-mask hint to a failure on a ragged size once the power-of-two sizes passed."""
+
+    def __init__(self) -> None:
+        self.even_ok = True
+
+    @contextlib.contextmanager
+    def case(self, even: bool) -> Iterator[None]:
+        """Judge one case; ``even`` says its sizes are powers of two (no partial block)."""
+        try:
+            yield
+        except CheckFailure as failure:
+            if even:
+                self.even_ok = False
+                raise
+            text = str(failure)
+            if self.even_ok and "It looks like" not in text:
+                text += (
+                    " The cases whose sizes are powers of two passed and this one is not: it looks "
+                    "like the last block is not masked (load with mask=offs < n and a neutral "
+                    "`other`, store with the same mask)."
+                )
+            raise CheckFailure(text) from None
 
 
 # ---- RMSNorm backward ------------------------------------------------------------------------
@@ -933,7 +947,7 @@ def _softmax_cases(t: Tester) -> list[tuple[str, Tensor, bool]]:
 )
 def check_triton_softmax(t: Tester) -> None:
     """N a power of two and not, float16, magnitude 1e4; inputs padded so an unmasked load shows."""
-    even_ok = True
+    ragged = _Ragged()
     for case, x, even in _softmax_cases(t):
         got = _run_kernel(t, case, padded(x, 1e4))
         if torch.is_tensor(got) and "1e4" in case and not torch.isfinite(got.double()).all():
@@ -943,13 +957,8 @@ def check_triton_softmax(t: Tester) -> None:
                 "subtracted before tl.exp (softmax(x) = softmax(x - max x), and then the largest "
                 "exponent is 0).",
             )
-        try:
+        with ragged.case(even):
             t.compare(case, "y", got, _softmax_want(x), mistakes=_softmax_mistakes(x))
-        except CheckFailure as failure:
-            if even:
-                even_ok = False
-                raise
-            raise _ragged_hint(failure, even_ok) from None
 
 
 def _rmsnorm_kernel_mistakes(x: Tensor, w: Tensor, eps: float) -> list:
@@ -995,19 +1004,14 @@ def _rmsnorm_kernel_cases(t: Tester) -> list[tuple[str, Tensor, Tensor, float | 
 )
 def check_triton_rmsnorm(t: Tester) -> None:
     """N a power of two and not, eps placement, float16; inputs padded so an unmasked load shows."""
-    even_ok = True
+    ragged = _Ragged()
     for case, x, w, eps, even in _rmsnorm_kernel_cases(t):
         args = (padded(x, 30.0), padded(w, 30.0))
         got = _run_kernel(t, case, *args) if eps is None else _run_kernel(t, case, *args, eps)
         eps = 1e-6 if eps is None else eps
         want = ch06.ref_rmsnorm_forward(x.double(), w.double(), eps).to(x.dtype)
-        try:
+        with ragged.case(even):
             t.compare(case, "y", got, want, mistakes=_rmsnorm_kernel_mistakes(x, w, eps))
-        except CheckFailure as failure:
-            if even:
-                even_ok = False
-                raise
-            raise _ragged_hint(failure, even_ok) from None
 
 
 @exercise(
@@ -1021,7 +1025,7 @@ def check_triton_rmsnorm(t: Tester) -> None:
 )
 def check_triton_rmsnorm_backward(t: Tester) -> None:
     """Against autograd through the forward: N a power of two and not, rows not a multiple of a group."""
-    even_ok = True
+    ragged = _Ragged()
     f32 = torch.float32
     for shape, eps, even in (
         ((4, 16), None, True),
@@ -1036,13 +1040,8 @@ def check_triton_rmsnorm_backward(t: Tester) -> None:
         case = f"x {shape} float32, {label}"
         args = (padded(dout, 30.0), padded(x, 30.0), padded(w, 30.0))
         got = _run_kernel(t, case, *args) if eps is None else _run_kernel(t, case, *args, eps)
-        try:
+        with ragged.case(even):
             _judge_rms_backward(t, case, got, dout, x, w, 1e-6 if eps is None else eps)
-        except CheckFailure as failure:
-            if even:
-                even_ok = False
-                raise
-            raise _ragged_hint(failure, even_ok) from None
 
 
 @exercise(
@@ -1055,7 +1054,7 @@ def check_triton_rmsnorm_backward(t: Tester) -> None:
 )
 def check_triton_int8_gemv(t: Tester) -> None:
     """B = 1 and more, N and K powers of two and not, float32 and float16 x; inputs padded."""
-    even_ok = True
+    ragged = _Ragged()
     for b, n, k, dtype, even in (
         (1, 16, 64, torch.float32, True),
         (2, 8, 128, torch.float32, True),
@@ -1068,10 +1067,5 @@ def check_triton_int8_gemv(t: Tester) -> None:
         x = t.randn(b, k).to(dtype)
         case = f"x ({b}, {k}) {str(dtype)[6:]}, q ({n}, {k}) int8, scale float32"
         got = _run_kernel(t, case, padded(x, 50.0), padded(q, 100), padded(scale, 50.0))
-        try:
+        with ragged.case(even):
             _judge_gemv(t, case, got, x, q, scale)
-        except CheckFailure as failure:
-            if even:
-                even_ok = False
-                raise
-            raise _ragged_hint(failure, even_ok) from None
