@@ -83,7 +83,13 @@ def _parser() -> _Parser:
     p.set_defaults(run=cmd_check)
 
     p = sub.add_parser(
-        "status", help="your progress over all chapters (runs each chapter notebook)"
+        "status", help="your progress over all chapters, as your check cells recorded it"
+    )
+    p.add_argument(
+        "--run",
+        dest="execute",
+        action="store_true",
+        help="execute every chapter notebook instead (slow, but verified)",
     )
     p.add_argument(
         "dir",
@@ -298,7 +304,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Run each chapter notebook of a learner's folder and show passed/total per chapter."""
+    """Show passed/total per chapter: from what the check cells recorded, or (``--run``) by running."""
+    if not args.execute:
+        return _status_recorded(_course_dir(args.dir))
     folder = _course_dir(args.dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder of chapter notebooks")
@@ -333,6 +341,54 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{chapter:<{width}}  {f'{passed}/{len(result.rows)}':>7}  {', '.join(todo) or 'done'}"
         )
     return 0
+
+
+def _status_recorded(folder: Path) -> int:
+    """Print the progress the notebooks' check cells recorded in ``folder``, without running anything."""
+    from . import checking, progress
+
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder of chapter notebooks")
+    recorded = progress.read(folder)
+    by_chapter: dict[str, list[checking.Exercise]] = {}
+    for ex in checking.exercises():
+        by_chapter.setdefault(ex.chapter, []).append(ex)
+    width = max(map(len, by_chapter), default=10)
+    print(f"{'chapter':<{width}}  {'passed':>7}  still to do")
+    for chapter, exs in by_chapter.items():
+        seen = [recorded.get(e.id) for e in exs]
+        if not any(seen):
+            print(f"{chapter:<{width}}  {'-':>7}  not started")
+            continue
+        passed = sum(1 for r in seen if r and r.get("status") == "passed")
+        todo = [
+            e.id if not r or r.get("status") == "pending" else f"{e.id} ({r.get('status')})"
+            for e, r in zip(exs, seen, strict=True)
+            if not r or r.get("status") != "passed"
+        ]
+        note = ""
+        notebook = folder / f"{chapter}.ipynb"
+        last = max(str(r.get("when", "")) for r in seen if r)
+        if notebook.exists() and _modified_after(notebook, last):
+            note = "  (notebook changed since its last check)"
+        print(f"{chapter:<{width}}  {f'{passed}/{len(exs)}':>7}  {', '.join(todo) or 'done'}{note}")
+    if not recorded:
+        print(
+            f"No check has run in {folder} yet; run a chapter's check cells, "
+            "or `course status --run` to execute every notebook."
+        )
+    return 0
+
+
+def _modified_after(path: Path, when: str) -> bool:
+    """Whether ``path`` was saved after the ISO time ``when``."""
+    import datetime
+
+    try:
+        stamp = datetime.datetime.fromisoformat(when)
+    except ValueError:
+        return False
+    return path.stat().st_mtime > stamp.timestamp() + 1
 
 
 def cmd_grade(args: argparse.Namespace) -> int:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -164,7 +166,7 @@ def test_check_one_exercise_passes(tmp_path: Path, capsys: pytest.CaptureFixture
 @pytest.mark.slow
 def test_status_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     write_notebook(tmp_path / f"{CHAPTER}.ipynb", SOFTMAX, LOG_SOFTMAX_STUB)
-    code, out, _ = run(["status", str(tmp_path), "--timeout", "240"], capsys)
+    code, out, _ = run(["status", str(tmp_path), "--run", "--timeout", "240"], capsys)
     assert code == 0
     rows = {line.split()[0]: line for line in out.splitlines()[1:]}
     assert rows["00_gradient_checking"].endswith("not started")
@@ -173,3 +175,45 @@ def test_status_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
         and "log_softmax" in rows[CHAPTER]
         and "cross_entropy (missing)" in rows[CHAPTER]
     )
+
+
+def test_status_reads_what_the_check_cells_recorded_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from course_utils import progress
+
+    progress.record("softmax", CHAPTER, "passed", folder=tmp_path)
+    progress.record("log_softmax", CHAPTER, "pending", folder=tmp_path)
+    progress.record("cross_entropy", CHAPTER, "failed", folder=tmp_path)
+    code, out, _ = run(["status", str(tmp_path)], capsys)
+    assert code == 0
+    rows = {line.split()[0]: line for line in out.splitlines()[1:] if line.strip()}
+    assert rows["00_gradient_checking"].endswith("not started")
+    row = rows[CHAPTER]
+    assert "1/5" in row and "log_softmax," in row and "cross_entropy (failed)" in row
+    assert "changed since" not in row
+    # a notebook saved after its last check is flagged
+    nb = write_notebook(tmp_path / f"{CHAPTER}.ipynb", SOFTMAX)
+    os.utime(nb, (time.time() + 60, time.time() + 60))
+    _, out, _ = run(["status", str(tmp_path)], capsys)
+    assert "notebook changed since its last check" in out
+
+
+def test_status_with_nothing_recorded_says_how_to_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(["status", str(tmp_path)], capsys)
+    assert code == 0 and "No check has run" in out and "--run" in out
+
+
+@pytest.mark.slow
+def test_a_check_cell_records_progress_beside_its_notebook(tmp_path: Path) -> None:
+    from course_utils import bench, progress
+
+    path = write_notebook(
+        tmp_path / f"{CHAPTER}.ipynb",
+        SOFTMAX,
+        'import course_utils as cu\ncu.check("softmax", softmax)',
+    )
+    bench.time_notebook(path, strict=False, timeout=240)
+    assert progress.read(tmp_path)["softmax"]["status"] == "passed"
