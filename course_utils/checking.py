@@ -106,6 +106,15 @@ class Report:
 
     __repr__ = __str__
 
+    def _ipython_display_(self) -> None:
+        # A pending report shows nothing at all (check() already printed its one line); an
+        # empty HTML repr would still leave an empty output area in JupyterLab.
+        if self.status == "pending":
+            return
+        from IPython.display import display
+
+        display({"text/plain": str(self), "text/html": self._repr_html_()}, raw=True)
+
     def _repr_html_(self) -> str:
         if self.status == "pending":
             return ""  # check() already printed the one line; showing it again is noise

@@ -285,3 +285,15 @@ def test_every_function_exercise_reports_a_stub_as_pending(exercise_id, monkeypa
     monkeypatch.setenv("COURSE_STRICT", "1")
     with pytest.raises(cu.CheckFailure, match="strict mode"):
         cu.check(exercise_id, _stub)
+
+
+def test_a_pending_report_displays_nothing_and_a_passed_one_its_table(monkeypatch) -> None:
+    import IPython.display
+
+    shown: list = []
+    monkeypatch.setattr(IPython.display, "display", lambda *a, **k: shown.append(a[0]))
+    checking.Report("softmax", "pending", message="write it")._ipython_display_()
+    assert shown == []  # no empty output area under the pending line
+    row = checking.Row("c", "out", 0.0, 0.0, "ok")
+    checking.Report("softmax", "passed", [row])._ipython_display_()
+    assert "passed 1 checks" in shown[0]["text/html"] and "passed" in shown[0]["text/plain"]
