@@ -52,7 +52,7 @@ def record(exercise_id: str, chapter: str, status: str, folder: Path | str | Non
         data[exercise_id] = {
             "chapter": chapter,
             "status": status,
-            "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
         fd, tmp = tempfile.mkstemp(prefix=".course_progress.", dir=folder)
         with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -46,7 +46,7 @@ def reply_is_missed(channel_class: type[AsyncZMQSocketChannel]) -> bool:
             shell.send(session.msg("comm_msg", {"data": {"method": "update"}}))
             try:
                 await asyncio.wait_for(waiting, 1)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return True
             return False
         finally:
