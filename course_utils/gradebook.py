@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from . import grade
+from . import grade, report
 from .build import show
 from .grade import CSV_FIELDS, DEFAULT_TIMEOUT, NOTEBOOK_PROBLEMS, NotebookResult
 
@@ -425,10 +425,13 @@ def grade_dir(
     journal = Journal(journal_file, root.resolve(), ((done[p], hashes[p]) for p in done))
     reused = len(done)
 
+    reports = report.report_dir(out_csv)
+
     def write_files() -> list[NotebookResult]:
         ordered = [done[path] for path in paths if path in done]
         write_csv(ordered, out_csv)
         write_junit(ordered, junit)
+        report.write_reports(ordered, reports)
         return ordered
 
     from tqdm import tqdm
@@ -442,7 +445,7 @@ def grade_dir(
         ):
             todo = [path for path in paths if path not in done]
             # No learner's sandbox may show the other submissions or what the grader writes.
-            hidden = [root, out_csv, junit, journal_file]
+            hidden = [root, out_csv, junit, journal_file, reports]
             futures = {
                 pool.submit(grade._grade_safely, path, timeout, hidden): path for path in todo
             }
@@ -472,7 +475,7 @@ def grade_dir(
     ordered = write_files()
     journal.close(remove=True)
     if not quiet:
-        line = summary(ordered, out_csv, junit)
+        line = summary(ordered, out_csv, junit) + f" Reports: {show(reports / 'index.html')}."
         if reused:
             line += f" {reused} notebooks were graded by the interrupted run and not again."
         print(line)

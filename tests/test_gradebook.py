@@ -380,4 +380,13 @@ def test_sigterm_mid_batch_then_resume(tmp_path: Path) -> None:
     )
     assert {r["student"] for r in read_csv(out)} == {"ann", "bob"}
     assert not gradebook.journal_path(out).exists()
-    assert sorted(p.name for p in out.parent.iterdir()) == ["grades.csv", "grades.xml"]
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "grades.csv",
+        "grades.xml",
+        "grades_report",
+    ]
+    assert sorted(p.name for p in (out.parent / "grades_report").iterdir()) == [
+        "ann.html",
+        "bob.html",
+        "index.html",
+    ]
