@@ -830,8 +830,8 @@ def check_batchnorm_backward_staged(t: Tester) -> None:
             mistakes = [
                 (
                     sentence,
-                    lambda slip=slip, node=node: _bn_staged(
-                        dout.double(), x.double(), gamma.double(), eps, slip
+                    lambda slip=slip, node=node, args=(dout, x, gamma), eps=eps: _bn_staged(
+                        *(a.double() for a in args), eps, slip
                     )[node],
                 )
                 for slip, sentence in STAGED_MISTAKES.get(node, [])
@@ -1323,7 +1323,7 @@ def check_small_cnn_loss(t: Tester) -> None:
             loss,
             want_loss,
             mistakes=[
-                ("the loss is the SUM over the batch; it is the mean.", lambda: want_loss * n),
+                ("the loss is the SUM over the batch; it is the mean.", want_loss * n),
             ],
         )
         _judge_grads(t, case, grads, want, params, X, y)
