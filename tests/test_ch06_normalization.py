@@ -9,6 +9,7 @@ learners really make, each rejected with the sentence that names it.
 from __future__ import annotations
 
 import math
+import re
 import time
 
 import numpy as np
@@ -322,6 +323,105 @@ def rms_norm_builtin(x, weight, eps=1e-6):
     return x / torch.sqrt(rms**2 + eps) * weight
 
 
+# ---- BatchNorm backward, staged -------------------------------------------------------
+def staged_keepdim(dout, x, gamma, eps=1e-5):
+    """The graph walked with keepdim per-channel nodes, (1, C, 1, 1), returned as they are."""
+    dims = _dims(x)
+    m = x.numel() // x.shape[1]
+    mu = x.mean(dims, keepdim=True)
+    xc = x - mu
+    var = (xc**2).sum(dims, keepdim=True) / m
+    rstd = 1 / torch.sqrt(var + eps)
+    dxhat = dout * _pc(gamma, x)
+    drstd = (dxhat * xc).sum(dims, keepdim=True)
+    dvar = -0.5 / (var + eps) ** 1.5 * drstd
+    dxc = dxhat * rstd + 2 * xc * dvar / m
+    dmean = -dxc.sum(dims, keepdim=True)
+    dx = dxc + dmean / m
+    out = {"dxhat": dxhat, "drstd": drstd, "dvar": dvar, "dxc": dxc, "dmean": dmean, "dx": dx}
+    out["dgamma"], out["dbeta"] = (dout * xc * rstd).sum(dims), dout.sum(dims)
+    return out
+
+
+def staged_numpy(dout, x, gamma, eps=1e-5):
+    """The same walk in numpy with channels last, (M, C); dmean without the (zero) variance path."""
+    a = np.moveaxis(x.numpy(), 1, -1)
+    shape = a.shape
+    xf, df = a.reshape(-1, shape[-1]), np.moveaxis(dout.numpy(), 1, -1).reshape(-1, shape[-1])
+    m = xf.shape[0]
+    xc = xf - xf.mean(0)
+    var = (xc**2).mean(0)
+    rstd = (var + eps) ** -0.5
+    dxhat = df * gamma.numpy()
+    drstd = (dxhat * xc).sum(0)
+    dvar = -0.5 * rstd**3 * drstd
+    dxc = dxhat * rstd + dvar * 2 * xc / m
+    dmean = -(dxhat * rstd).sum(0)
+    dx = dxc + dmean / m
+
+    def back(v):
+        return torch.from_numpy(np.ascontiguousarray(np.moveaxis(v.reshape(shape), -1, 1))).to(
+            x.dtype
+        )
+
+    per = lambda v: torch.from_numpy(np.asarray(v)).to(x.dtype)  # noqa: E731
+    return {
+        "dxhat": back(dxhat),
+        "drstd": per(drstd),
+        "dvar": per(dvar),
+        "dxc": back(dxc),
+        "dmean": per(dmean),
+        "dx": back(dx),
+        "dgamma": per((df * xc * rstd).sum(0)),
+        "dbeta": per(df.sum(0)),
+    }
+
+
+# ---- small CNN ------------------------------------------------------------------------
+def cnn_other_style(params, X, y, train=True, dropout_p=0.0, bn_state=None):
+    """PyTorch's forward ops (no autograd), max-pool indices, the compact BN backward of this file."""
+    w1, gamma, beta, w2, b2 = (params[k] for k in ("W1", "gamma", "beta", "W2", "b2"))
+    n, f = X.shape[0], w1.shape[0]
+    a = F.conv2d(X, w1, padding=1)
+    if train:
+        mean, var = a.mean((0, 2, 3)), a.var((0, 2, 3), unbiased=False)
+        if bn_state is not None:
+            cnt = a.numel() // f
+            bn_state["running_mean"] = bn_state["running_mean"] * 0.9 + mean * 0.1
+            bn_state["running_var"] = bn_state["running_var"] * 0.9 + var * cnt / (cnt - 1) * 0.1
+    else:
+        mean, var = bn_state["running_mean"], bn_state["running_var"]
+    z = (a - _pc(mean, a)) / torch.sqrt(_pc(var, a) + 1e-5) * _pc(gamma, a) + _pc(beta, a)
+    r = torch.relu(z)
+    q, idx = F.max_pool2d(r, 2, return_indices=True)
+    keep = (
+        (torch.rand_like(q) > dropout_p).to(q.dtype) / (1 - dropout_p)
+        if train and dropout_p
+        else 1.0
+    )
+    hflat = (q * keep).reshape(n, -1)
+    scores = hflat @ w2 + b2
+    if y is None:
+        return scores
+    p = torch.softmax(scores, 1)
+    loss = -torch.log(p[torch.arange(n), y]).mean()
+    if not train:
+        return loss, None
+    ds = (p - F.one_hot(y, p.shape[1]).to(p.dtype)) / n
+    dq = (ds @ w2.T).reshape(q.shape) * keep
+    dr = (
+        torch.zeros_like(r)
+        .flatten(2)
+        .scatter_add_(2, idx.flatten(2), dq.flatten(2))
+        .reshape(r.shape)
+    )
+    dz = torch.where(z > 0, dr, torch.zeros_like(dr))
+    da, dgamma, dbeta = bn_backward_compact(dz, a, gamma)
+    cols = F.unfold(X, 3, padding=1)
+    dw1 = torch.einsum("nfl,nkl->fk", da.flatten(2), cols).reshape(w1.shape)
+    return loss, {"W1": dw1, "gamma": dgamma, "beta": dbeta, "W2": hflat.T @ ds, "b2": ds.sum(0)}
+
+
 CORRECT = {
     "batchnorm_forward": [bn_forward_torch, bn_forward_numpy, bn_forward_loops, bn_forward_moments],
     "batchnorm_backward": [
@@ -338,6 +438,8 @@ CORRECT = {
     ],
     "layernorm_backward": [ln_backward_compact, ln_backward_einsum, ln_backward_loops],
     "rmsnorm_forward": [rms_torch, rms_numpy, rms_loops, rms_norm_builtin],
+    "batchnorm_backward_staged": [staged_keepdim, staged_numpy],
+    "small_cnn_loss": [cnn_other_style],
 }
 CORRECT_CASES = [(ex, fn) for ex, fns in CORRECT.items() for fn in fns]
 SLOWEST = {
@@ -346,6 +448,8 @@ SLOWEST = {
     "layernorm_forward": ln_forward_loops,
     "layernorm_backward": ln_backward_loops,
     "rmsnorm_forward": rms_loops,
+    "batchnorm_backward_staged": staged_numpy,
+    "small_cnn_loss": cnn_other_style,
 }
 
 
@@ -798,12 +902,86 @@ RMS_MISTAKES = [
     (rms_all_dims, "taken over every dim but the first"),
 ]
 
+
+# ---- BatchNorm backward, staged, and the small CNN -------------------------------------------
+def _staged_slip(slip):
+    def fn(dout, x, gamma, eps=1e-5):
+        return ch06._bn_staged(dout, x, gamma, eps, slip)
+
+    fn.__name__ = f"staged_{slip}"
+    return fn
+
+
+def staged_as_tuple(dout, x, gamma, eps=1e-5):
+    return tuple(staged_keepdim(dout, x, gamma, eps).values())
+
+
+def staged_autograd(dout, x, gamma, eps=1e-5):
+    out = staged_keepdim(dout, x, gamma, eps)
+    xr = x.clone().requires_grad_(True)
+    out["dx"] = torch.autograd.grad(
+        F.batch_norm(xr, None, None, gamma, None, training=True, eps=eps), xr, dout
+    )[0]
+    return out
+
+
+STAGED_MISTAKES = [
+    (
+        _staged_slip(slip),
+        f"`{node}` is wrong.*{re.escape(sentence[:40])}",
+    )
+    for node, pairs in ch06.STAGED_MISTAKES.items()
+    for slip, sentence in pairs
+] + [
+    (staged_as_tuple, "expected a dict with the keys dxhat"),
+    (staged_autograd, "autograd"),
+]
+
+
+def _cnn_slip(slip):
+    def fn(params, X, y, train=True, dropout_p=0.0, bn_state=None):
+        return ch06._small_cnn(params, X, y, train, dropout_p, bn_state, slip)
+
+    fn.__name__ = f"cnn_{slip}"
+    return fn
+
+
+def cnn_updates_state_in_eval(params, X, y, train=True, dropout_p=0.0, bn_state=None):
+    out = cnn_other_style(params, X, y, train, dropout_p, bn_state)
+    if not train and bn_state is not None:  # normalised with the old statistics, then updated them
+        cnn_other_style(params, X, y, True, 0.0, bn_state)
+    return out
+
+
+def cnn_sum_loss(params, X, y, train=True, dropout_p=0.0, bn_state=None):
+    out = cnn_other_style(params, X, y, train, dropout_p, bn_state)
+    return out if y is None else (out[0] * X.shape[0], out[1])
+
+
+CNN_MISTAKES = [
+    (_cnn_slip("relu_pass_all"), r"grads\['beta'\]` is wrong.*ReLU passed the gradient everywhere"),
+    (_cnn_slip("relu_mask_from_conv"), "the ReLU mask came from the wrong cache"),
+    (_cnn_slip("ce_not_mean"), r"grads\['b2'\]` is wrong.*not divided by N"),
+    (_cnn_slip("pool_spread"), "spread evenly over each window"),
+    (
+        _cnn_slip("bn_constant_stats"),
+        r"grads\['W1'\]` is wrong.*treated the batch mean and variance as constants",
+    ),
+    (_cnn_slip("bn_running_in_train"), "normalised with the running statistics in train mode"),
+    (_cnn_slip("bn_state_biased"), "updated with the biased batch variance"),
+    (cnn_updates_state_in_eval, "bn_state was updated in eval mode"),
+    (cnn_sum_loss, "the loss is the SUM over the batch"),
+]
+
+
 MISTAKES = (
     [("batchnorm_forward", f, m) for f, m in BN_FORWARD_MISTAKES]
     + [("batchnorm_backward", f, m) for f, m in BN_BACKWARD_MISTAKES]
     + [("layernorm_forward", f, m) for f, m in LN_FORWARD_MISTAKES]
     + [("layernorm_backward", f, m) for f, m in LN_BACKWARD_MISTAKES]
     + [("rmsnorm_forward", f, m) for f, m in RMS_MISTAKES]
+    + [("batchnorm_backward_staged", f, m) for f, m in STAGED_MISTAKES]
+    + [("small_cnn_loss", f, m) for f, m in CNN_MISTAKES]
 )
 
 
@@ -846,6 +1024,13 @@ def test_exercises_of_chapter_06_are_registered_with_their_contract():
         == "(dout, x, gamma, eps=1e-5) -> (dx, dgamma, dbeta)"
     )
     assert listed["rmsnorm_forward"].signature == "(x, weight, eps=1e-6) -> out"
+    assert listed["batchnorm_backward_staged"].signature == (
+        "(dout, x, gamma, eps=1e-5) -> dict of dxhat, drstd, dvar, dxc, dmean, dx, dgamma, dbeta"
+    )
+    assert listed["small_cnn_loss"].signature == (
+        "(params, X, y, train=True, dropout_p=0.0, bn_state=None) -> (loss, grads)"
+    )
+    assert listed["batchnorm_backward_staged"].backward and listed["small_cnn_loss"].backward
     assert listed["batchnorm_backward"].backward and listed["layernorm_backward"].backward
     assert not listed["batchnorm_forward"].backward
 

@@ -1,4 +1,5 @@
-"""Check batteries of chapter 06: BatchNorm forward and backward, LayerNorm, RMSNorm."""
+"""Check batteries of chapter 06: BatchNorm forward and backward (staged and compact), LayerNorm,
+RMSNorm, GroupNorm, and a small CNN from the learner's own layers."""
 
 from __future__ import annotations
 
@@ -650,6 +651,212 @@ def check_batchnorm_backward(t: Tester) -> None:
         t.compare(case, name, got, want, rtol=1e-5, atol=1e-8)
 
 
+# ---- BatchNorm backward, staged through the computation graph ----------------------------
+#: The nodes of §2.2's graph, in the order the backward pass reaches them (and the battery judges them).
+STAGED_NODES = ("dxhat", "drstd", "dvar", "dxc", "dmean", "dx", "dgamma", "dbeta")
+#: The nodes with one value per channel, shape (C,).
+PER_CHANNEL_NODES = ("drstd", "dvar", "dmean", "dgamma", "dbeta")
+
+
+def ref_batchnorm_backward_staged(
+    dout: Tensor, x: Tensor, gamma: Tensor, eps: float = 1e-5
+) -> dict[str, Tensor]:
+    """Training-mode BatchNorm backward, node by node: the gradient of the loss at every node."""
+    return _bn_staged(dout, x, gamma, eps)
+
+
+def _bn_staged(dout: Tensor, x: Tensor, gamma: Tensor, eps: float, slip: str = "") -> dict:
+    # ``slip`` names one mistaken step; the battery builds its named mistakes from it.
+    dims = _stat_dims(x)
+    m = x.numel() // x.shape[1]
+    mean = x.mean(dims, keepdim=True)
+    xc = x - mean
+    var = (xc * xc).mean(dims, keepdim=True)
+    rstd = (var + eps) ** -0.5
+    xhat = xc * rstd
+    g = _per_channel(gamma, x)
+    dxhat = dout * 1.0 if slip == "dxhat_no_gamma" else dout * g
+    drstd = (dxhat * (xhat if slip == "drstd_xhat" else xc)).sum(dims, keepdim=True)
+    dvar = {
+        "dvar_no_half": -(rstd**3) * drstd,
+        "dvar_sign": 0.5 * rstd**3 * drstd,
+        "dvar_exponent": -0.5 * rstd * drstd,
+    }.get(slip, -0.5 * rstd**3 * drstd)
+    var_path = {
+        "dxc_no_factor": dvar,
+        "dxc_no_m": dvar * 2 * xc,
+        "dxc_no_var_path": 0.0 * xc,
+    }.get(slip, dvar * 2 * xc / m)
+    dxc = dxhat * rstd + var_path
+    dmean = {
+        "dmean_mean": -dxc.mean(dims, keepdim=True),
+        "dmean_sign": dxc.sum(dims, keepdim=True),
+    }.get(slip, -dxc.sum(dims, keepdim=True))
+    dx = {"dx_no_mean": dxc, "dx_no_m": dxc + dmean}.get(slip, dxc + dmean / m)
+    return {
+        "dxhat": dxhat,
+        "drstd": drstd.reshape(-1),
+        "dvar": dvar.reshape(-1),
+        "dxc": dxc,
+        "dmean": dmean.reshape(-1),
+        "dx": dx,
+        "dgamma": (dout * xhat).sum(dims),
+        "dbeta": dout.sum(dims),
+    }
+
+
+#: Per node: (the slip, the sentence naming it).
+STAGED_MISTAKES = {
+    "dxhat": [
+        (
+            "dxhat_no_gamma",
+            "d xhat is dout itself; y = gamma * xhat + beta, so d xhat = dout * gamma.",
+        )
+    ],
+    "drstd": [
+        (
+            "drstd_xhat",
+            "d rstd sums d xhat * xhat; xhat = xc * rstd, so the local derivative of xhat with "
+            "respect to rstd is xc, and d rstd = sum(d xhat * xc) over every dim but 1.",
+        )
+    ],
+    "dvar": [
+        (
+            "dvar_no_half",
+            "d var misses the factor -1/2 of d/dv (v + eps)^(-1/2) = -1/2 (v + eps)^(-3/2).",
+        ),
+        (
+            "dvar_sign",
+            "d var has the wrong sign: d/dv (v + eps)^(-1/2) = -1/2 (v + eps)^(-3/2) is negative.",
+        ),
+        (
+            "dvar_exponent",
+            "d var used -1/2 (v + eps)^(-1/2), i.e. rstd, where the derivative has (v + eps)^(-3/2) = rstd**3.",
+        ),
+    ],
+    "dxc": [
+        (
+            "dxc_no_var_path",
+            "d xc misses the path through var: xc is used by xhat AND by var = mean(xc**2), so d xc = "
+            "d xhat * rstd + d var * (local derivative of var with respect to xc).",
+        ),
+        (
+            "dxc_no_factor",
+            "d xc took d var through var without its local derivative: the factor 2*xc/M was dropped.",
+        ),
+        (
+            "dxc_no_m",
+            "d xc has the path through var without the 1/M of the mean: its local derivative is 2*xc/M.",
+        ),
+    ],
+    "dmean": [
+        (
+            "dmean_mean",
+            "d mean averages d xc; mean is subtracted from every xc, so d mean = -SUM of d xc.",
+        ),
+        ("dmean_sign", "d mean has the wrong sign: xc = x - mean, so the local derivative is -1."),
+    ],
+    "dx": [
+        (
+            "dx_no_mean",
+            "dx is d xc only: it misses the path through mean (x is used by xc AND by mean).",
+        ),
+        (
+            "dx_no_m",
+            "dx adds d mean without the 1/M: mean = sum(x)/M, so that path brings d mean / M.",
+        ),
+    ],
+}
+
+
+def _autograd_staged(dout: Tensor, x: Tensor, gamma: Tensor, eps: float) -> dict[str, Tensor]:
+    """The gradient at every node of the graph, by autograd in float64 (the battery's ground truth)."""
+    dims = _stat_dims(x)
+    with torch.enable_grad():
+        xd = x.double().requires_grad_(True)
+        gd = gamma.double().requires_grad_(True)
+        bd = torch.zeros_like(gd, requires_grad=True)
+        mean = xd.mean(dims, keepdim=True)
+        xc = xd - mean
+        var = (xc * xc).mean(dims, keepdim=True)
+        rstd = (var + eps) ** -0.5
+        xhat = xc * rstd
+        out = _per_channel(gd, x) * xhat + _per_channel(bd, x)
+        nodes = [xhat, rstd, var, xc, mean, xd, gd, bd]
+        grads = torch.autograd.grad(out, nodes, dout.double())
+    return {
+        k: (v.reshape(-1) if k in PER_CHANNEL_NODES else v).to(x.dtype)
+        for k, v in zip(STAGED_NODES, grads, strict=True)
+    }
+
+
+@exercise(
+    "batchnorm_backward_staged",
+    forbidden=BATCH_NORM_OPS,
+    chapter=CHAPTER,
+    signature="(dout, x, gamma, eps=1e-5) -> dict of dxhat, drstd, dvar, dxc, dmean, dx, dgamma, dbeta",
+    summary="training-mode BatchNorm backward node by node through mean, xc, var, rstd, xhat, out",
+    reference=ref_batchnorm_backward_staged,
+    backward=True,
+)
+def check_batchnorm_backward_staged(t: Tester) -> None:
+    """Every node's gradient against autograd through the same graph, in backward order."""
+    for case, dout, x, gamma, eps in _bn_backward_cases(t):
+        out = t.call(case, dout, x, gamma) if eps is None else t.call(case, dout, x, gamma, eps)
+        eps = 1e-5 if eps is None else eps
+        if not isinstance(out, dict):
+            t.fail(
+                case,
+                f"expected a dict with the keys {', '.join(STAGED_NODES)}, but the function returned "
+                f"{type(out).__name__}.",
+            )
+        missing = [k for k in STAGED_NODES if k not in out]
+        if missing:
+            t.fail(
+                case, f"the dict has no {', '.join(missing)}; it needs every key of {STAGED_NODES}."
+            )
+        want = _autograd_staged(dout, x, gamma, eps)
+        per_channel_kept = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+        for node in STAGED_NODES:
+            got = out[node]
+            if (
+                node in PER_CHANNEL_NODES
+                and torch.is_tensor(got)
+                and tuple(got.shape) == per_channel_kept
+            ):
+                got = got.reshape(-1)  # the keepdim shape (1, C, 1, 1) is as good as (C,)
+            if node in ("dgamma", "dbeta"):
+                _expect_param_grad(t, case, node, got, x)
+            mistakes = [
+                (
+                    sentence,
+                    lambda slip=slip, node=node, args=(dout, x, gamma), eps=eps: _bn_staged(
+                        *(a.double() for a in args), eps, slip
+                    )[node],
+                )
+                for slip, sentence in STAGED_MISTAKES.get(node, [])
+            ]
+            if node == "dx":
+                mistakes += _bn_dx_mistakes(dout, x, gamma, eps)
+            elif node in ("dgamma", "dbeta"):
+                mistakes += _bn_param_mistakes(dout, x, gamma, eps, node)
+            t.compare(case, node, got, want[node], mistakes=mistakes)
+    # dx against central differences of the forward pass.
+    case = "x (2, 2, 2, 2) float64, eps=1e-5, dx against central differences of the forward"
+    x = t.randn(2, 2, 2, 2) * 1.5 + 0.7
+    gamma, beta, dout = 1.0 + 0.5 * t.randn(2), t.randn(2), t.randn(2, 2, 2, 2)
+    zeros, ones = torch.zeros(2, dtype=x.dtype), torch.ones(2, dtype=x.dtype)
+    numeric = numerical_gradient(
+        lambda x_: ref_batchnorm_forward(x_, gamma, beta, zeros, ones, 0.1, 1e-5, True)[0],
+        [x],
+        dout,
+    )[0]
+    out = t.call(case, dout, x, gamma, 1e-5)
+    t.compare(
+        case, "dx", out.get("dx") if isinstance(out, dict) else out, numeric, rtol=1e-5, atol=1e-8
+    )
+
+
 # ---- LayerNorm ---------------------------------------------------------------------------
 def _ln_cases(t: Tester) -> list[tuple[str, Tensor, Tensor, Tensor, float | None]]:
     settings = [
@@ -903,3 +1110,305 @@ def check_rmsnorm_forward(t: Tester) -> None:
         else:
             want = ref_rmsnorm_forward(x.double(), w.double(), eps).to(dtype)
         t.compare(case, "out", out, want, mistakes=_rms_mistakes(x, w, eps))
+
+
+# ---- A small CNN from the learner's own layers -------------------------------------------
+#: The parameters of small_cnn_loss, in the order the backward pass reaches them (and the battery judges them).
+CNN_PARAMS = ("b2", "W2", "beta", "gamma", "W1")
+
+
+def ref_small_cnn_loss(
+    params: dict[str, Tensor],
+    X: Tensor,
+    y: Tensor | None,
+    train: bool = True,
+    dropout_p: float = 0.0,
+    bn_state: dict[str, Tensor] | None = None,
+) -> tuple[Tensor, dict[str, Tensor]] | Tensor:
+    """conv3x3(pad 1, no bias) - BatchNorm - ReLU - maxpool 2x2 - dropout - affine - softmax CE, by hand."""
+    return _small_cnn(params, X, y, train, dropout_p, bn_state)
+
+
+def _small_cnn(
+    params: dict[str, Tensor],
+    X: Tensor,
+    y: Tensor | None,
+    train: bool,
+    dropout_p: float,
+    bn_state: dict[str, Tensor] | None,
+    slip: str = "",
+) -> tuple[Tensor, dict[str, Tensor]] | Tensor:
+    # ``slip`` names one mistaken step; the battery builds its named mistakes from it.
+    w1, gamma, beta, w2, b2 = (params[k] for k in ("W1", "gamma", "beta", "W2", "b2"))
+    n, _, h, w = X.shape
+    f = w1.shape[0]
+    cols = F.unfold(X, 3, padding=1)  # (N, C*9, H*W)
+    a = (w1.reshape(f, -1) @ cols).reshape(n, f, h, w)  # conv output
+    dims = (0, 2, 3)
+    if train and not (slip == "bn_running_in_train" and bn_state is not None):
+        mean, var = a.mean(dims), a.var(dims, unbiased=False)
+        if bn_state is not None:
+            m = n * h * w
+            unbiased = var if slip == "bn_state_biased" else var * m / (m - 1)
+            bn_state["running_mean"] = 0.9 * bn_state["running_mean"] + 0.1 * mean
+            bn_state["running_var"] = 0.9 * bn_state["running_var"] + 0.1 * unbiased
+    else:
+        mean, var = bn_state["running_mean"], bn_state["running_var"]
+    rstd = (var + 1e-5) ** -0.5
+    xhat = (a - _per_channel(mean, a)) * _per_channel(rstd, a)
+    z = _per_channel(gamma, a) * xhat + _per_channel(beta, a)  # BatchNorm output
+    r = z.clamp(min=0)  # ReLU
+    windows = (
+        r.reshape(n, f, h // 2, 2, w // 2, 2)
+        .permute(0, 1, 2, 4, 3, 5)
+        .reshape(n, f, h // 2, w // 2, 4)
+    )
+    pooled, arg = windows.max(-1)  # (N, F, H/2, W/2): the first maximum of each window
+    keep = torch.ones_like(pooled)
+    if train and dropout_p > 0:
+        keep = (torch.rand_like(pooled) >= dropout_p) / (1 - dropout_p)
+    hidden = (pooled * keep).reshape(n, -1)  # (N, D)
+    scores = hidden @ w2 + b2  # (N, K)
+    if y is None:
+        return scores
+    logp = torch.log_softmax(scores, 1)
+    loss = -logp[torch.arange(n), y].mean()
+    if not train:
+        return loss, None
+    # ---- backward ----
+    dscores = logp.exp()
+    dscores[torch.arange(n), y] -= 1
+    if slip != "ce_not_mean":
+        dscores = dscores / n
+    grads = {"b2": dscores.sum(0), "W2": hidden.T @ dscores}
+    dpooled = (dscores @ w2.T).reshape(pooled.shape) * keep
+    if slip == "pool_spread":
+        dwindows = dpooled.unsqueeze(-1).expand(*pooled.shape, 4) / 4
+    else:
+        dwindows = torch.zeros_like(windows).scatter_(-1, arg.unsqueeze(-1), dpooled.unsqueeze(-1))
+    dr = dwindows.reshape(n, f, h // 2, w // 2, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(n, f, h, w)
+    if slip == "relu_pass_all":
+        dz = dr
+    elif slip == "relu_mask_from_conv":
+        dz = dr * (a > 0)
+    else:
+        dz = dr * (z > 0)
+    grads["beta"], grads["gamma"] = dz.sum(dims), (dz * xhat).sum(dims)
+    if slip == "bn_constant_stats":
+        da = dz * _per_channel(gamma * rstd, a)
+    else:
+        da = _bn_backward(dz, a, gamma, 1e-5)[0]
+    grads["W1"] = torch.einsum("nfl,nkl->fk", da.reshape(n, f, -1), cols).reshape(w1.shape)
+    return loss, grads
+
+
+CNN_MISTAKES = {
+    "relu_pass_all": "the ReLU passed the gradient everywhere; it passes it only where its input is > 0.",
+    "relu_mask_from_conv": (
+        "the ReLU mask came from the wrong cache, the convolution's output; the ReLU's input is the "
+        "BatchNorm output, so the mask is (BatchNorm output > 0)."
+    ),
+    "ce_not_mean": (
+        "the softmax cross-entropy gradient was not divided by N: the loss is a MEAN over the batch, "
+        "so d scores = (softmax - onehot) / N."
+    ),
+    "pool_spread": (
+        "the max-pool gradient was spread evenly over each window (that is average pooling); max "
+        "pooling sends it all to the window's first maximum."
+    ),
+    "bn_constant_stats": (
+        "the BatchNorm backward treated the batch mean and variance as constants (dx = dout * gamma * "
+        "rstd); they depend on the conv output too: use your batchnorm_backward."
+    ),
+}
+
+
+def _cnn_problem(
+    t: Tester, n: int, h: int, f: int, k: int, dtype: torch.dtype
+) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    params = {
+        "W1": t.randn(f, 1, 3, 3, scale=0.5).to(dtype),
+        "gamma": (1.0 + 0.3 * t.randn(f)).to(dtype),
+        "beta": (0.3 * t.randn(f)).to(dtype),
+        "W2": t.randn(f * (h // 2) ** 2, k, scale=0.5).to(dtype),
+        "b2": (0.1 * t.randn(k)).to(dtype),
+    }
+    X = t.rand(n, 1, h, h).to(dtype)
+    y = t.randint(k, n)
+    return params, X, y
+
+
+def _torch_small_cnn(
+    params: dict[str, Tensor], X: Tensor, y: Tensor
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The same network from PyTorch's layers in float64, its gradients by autograd (train mode)."""
+    with torch.enable_grad():
+        p = {k: v.double().requires_grad_(True) for k, v in params.items()}
+        a = F.conv2d(X.double(), p["W1"], padding=1)
+        z = F.batch_norm(a, None, None, p["gamma"], p["beta"], training=True, eps=1e-5)
+        hidden = F.max_pool2d(F.relu(z), 2).flatten(1)
+        loss = F.cross_entropy(hidden @ p["W2"] + p["b2"], y)
+        grads = torch.autograd.grad(loss, [p[k] for k in CNN_PARAMS])
+    dt = X.dtype
+    return loss.detach().to(dt), {k: g.to(dt) for k, g in zip(CNN_PARAMS, grads, strict=True)}
+
+
+def _cnn_numeric_probe(
+    fn: Callable, params: dict[str, Tensor], X: Tensor, y: Tensor
+) -> dict[str, Tensor]:
+    """Central differences of the learner's own loss, train mode, dropout off (runs where fn lives)."""
+    names = list(params)
+
+    def loss(*values: Tensor) -> Tensor:
+        return fn(dict(zip(names, values, strict=True)), X, y, True, 0.0, None)[0]
+
+    grads = numerical_gradient(loss, [params[k] for k in names])
+    return dict(zip(names, grads, strict=True))
+
+
+def _judge_grads(
+    t: Tester, case: str, grads: object, want: dict, params: dict, X: Tensor, y: Tensor
+) -> None:
+    if not isinstance(grads, dict):
+        t.fail(
+            case,
+            f"the grads should be a dict with the keys of params, but they are {type(grads).__name__}.",
+        )
+    missing = [k for k in CNN_PARAMS if k not in grads]
+    if missing:
+        t.fail(
+            case,
+            f"the grads dict has no {', '.join(missing)}; it needs one entry per key of params.",
+        )
+    for name in CNN_PARAMS:
+        mistakes = [
+            (
+                sentence,
+                lambda slip=slip, name=name: _small_cnn(
+                    {k: v.double() for k, v in params.items()}, X.double(), y, True, 0.0, None, slip
+                )[1][name],
+            )
+            for slip, sentence in CNN_MISTAKES.items()
+        ]
+        t.compare(case, f"grads['{name}']", grads[name], want[name], mistakes=mistakes)
+
+
+@exercise(
+    "small_cnn_loss",
+    chapter=CHAPTER,
+    signature="(params, X, y, train=True, dropout_p=0.0, bn_state=None) -> (loss, grads)",
+    summary="conv-BN-ReLU-maxpool-dropout-affine-softmax CE from your own layers, backward by hand",
+    reference=ref_small_cnn_loss,
+    backward=True,
+)
+def check_small_cnn_loss(t: Tester) -> None:
+    """Loss and every gradient against autograd through PyTorch's layers and against central
+    differences of the learner's own loss; running statistics; eval mode; scores."""
+    settings = [
+        (4, 4, 3, 3, torch.float64),
+        (3, 6, 2, 4, torch.float64),
+        (8, 8, 4, 10, torch.float32),
+    ]
+    for n, h, f, k, dtype in settings:
+        case = (
+            f"X ({n}, 1, {h}, {h}) {str(dtype)[6:]}, {f} channels, {k} classes, train, dropout off"
+        )
+        params, X, y = _cnn_problem(t, n, h, f, k, dtype)
+        out = t.call(case, params, X, y)
+        loss, grads = t.unpack(case, out, ("loss", "grads"))
+        want_loss, want = _torch_small_cnn(params, X, y)
+        t.compare(
+            case,
+            "loss",
+            loss,
+            want_loss,
+            mistakes=[
+                ("the loss is the SUM over the batch; it is the mean.", want_loss * n),
+            ],
+        )
+        _judge_grads(t, case, grads, want, params, X, y)
+    # central differences of the learner's own loss, on a tiny float64 network
+    case = "X (3, 1, 4, 4) float64, 2 channels, 3 classes: grads against central differences of your loss"
+    params, X, y = _cnn_problem(t, 3, 4, 2, 3, torch.float64)
+    numeric = t.probe(case, _cnn_numeric_probe, params, X, y)
+    _, grads = t.unpack(case, t.call(case, params, X, y), ("loss", "grads"))
+    for name in CNN_PARAMS:
+        got = grads.get(name) if isinstance(grads, dict) else None
+        t.compare(case, f"grads['{name}']", got, numeric[name], rtol=1e-5, atol=1e-7)
+    # running statistics in train mode, then eval mode with them
+    n, h, f, k = 4, 4, 3, 3
+    params, X, y = _cnn_problem(t, n, h, f, k, torch.float64)
+    rm, rv = 0.3 * t.randn(f), 0.5 + t.rand(f)
+    case = f"X ({n}, 1, {h}, {h}) float64, train with bn_state"
+    state = {"running_mean": rm.clone(), "running_var": rv.clone()}
+    want_loss, _ = _torch_small_cnn(params, X, y)
+    loss, _ = t.unpack(case, t.call(case, params, X, y, True, 0.0, state), ("loss", "grads"))
+    running_loss = _small_cnn(params, X, y, False, 0.0, {"running_mean": rm, "running_var": rv})[0]
+    t.compare(
+        case,
+        "loss",
+        loss,
+        want_loss,
+        mistakes=[
+            (
+                "BatchNorm normalised with the running statistics in train mode; training uses the batch's.",
+                running_loss,
+            ),
+        ],
+    )
+    a = F.conv2d(X, params["W1"], padding=1)
+    m = n * h * h
+    want_rm = 0.9 * rm + 0.1 * a.mean((0, 2, 3))
+    biased = a.var((0, 2, 3), unbiased=False)
+    want_rv = 0.9 * rv + 0.1 * biased * m / (m - 1)
+    for key, want_v, mistakes in (
+        ("running_mean", want_rm, [("bn_state was not updated in train mode.", rm)]),
+        (
+            "running_var",
+            want_rv,
+            [
+                ("bn_state was not updated in train mode.", rv),
+                (
+                    "the running variance was updated with the biased batch variance; use var * M / (M - 1).",
+                    0.9 * rv + 0.1 * biased,
+                ),
+            ],
+        ),
+    ):
+        t.compare(case, f"bn_state['{key}']", state.get(key), want_v, mistakes=mistakes)
+    case = f"X ({n}, 1, {h}, {h}) float64, eval (train=False, dropout_p=0.5) with bn_state"
+    state = {"running_mean": rm.clone(), "running_var": rv.clone()}
+    out = t.call(case, params, X, y, False, 0.5, state)
+    loss = out[0] if isinstance(out, tuple | list) and out else out
+    want_eval = _small_cnn(params, X, y, False, 0.0, {"running_mean": rm, "running_var": rv})[0]
+    t.compare(
+        case,
+        "loss",
+        loss,
+        want_eval,
+        mistakes=[
+            (
+                "eval mode normalised with the batch statistics; eval mode uses bn_state's running statistics.",
+                want_loss,
+            ),
+        ],
+    )
+    for key, old in (("running_mean", rm), ("running_var", rv)):
+        t.compare(
+            case,
+            f"bn_state['{key}'] after eval",
+            state.get(key),
+            old,
+            mistakes=[
+                (
+                    "bn_state was updated in eval mode; eval leaves the running statistics unchanged.",
+                    want_rm if key == "running_mean" else want_rv,
+                ),
+            ],
+        )
+    case = f"X ({n}, 1, {h}, {h}) float64, y=None, eval with bn_state: the scores"
+    scores = t.call(
+        case, params, X, None, False, 0.0, {"running_mean": rm.clone(), "running_var": rv.clone()}
+    )
+    want_scores = _small_cnn(params, X, None, False, 0.0, {"running_mean": rm, "running_var": rv})
+    t.compare(case, "scores", scores, want_scores)
