@@ -1083,10 +1083,12 @@ def hf_encoder_layer(
     return out[0] if isinstance(out, tuple) else out
 
 
-def hf_mlm_head(seq: Tensor, word: Tensor, weights: dict[str, Tensor]) -> Tensor | None:
+def hf_mlm_head(
+    seq: Tensor, word: Tensor, weights: dict[str, Tensor], eps: float = 1e-12
+) -> Tensor | None:
     """transformers.BertForMaskedLM's head (decoder tied to the word embeddings), or None."""
     v, d = word.shape
-    m = _hf_module("mlm", seq.dtype, vocab=v, hidden=d)
+    m = _hf_module("mlm", seq.dtype, eps, vocab=v, hidden=d)
     if m is None:
         return None
     pred = m.cls.predictions
@@ -1550,7 +1552,7 @@ def check_bert_mlm_head(t: Tester) -> None:
                 [("KeyError: 'decoder", UNTIED), ("KeyError: 'cls.predictions.decoder", UNTIED)],
             ) from None
         e = 1e-12 if eps is None else eps
-        want = hf_mlm_head(seq, word, w) if eps is None else None
+        want = hf_mlm_head(seq, word, w, e)
         if want is None:
             want = ref_bert_mlm_head(seq, word, w, e)
         t.compare(case, "logits", got, want, mistakes=_mlm_mistakes(seq, word, w, e))
