@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -654,3 +656,355 @@ def test_reference_pieces_rebuild_the_word(word, pieces):
         assert "".join(p.removeprefix("##") for p in out) == word
         assert all(p in pieces for p in out)
         assert not out[0].startswith("##") or word.startswith("##")
+
+
+# =====================================================================================
+# The encoder pieces: correct styles
+# =====================================================================================
+BERT_IDS = ["bert_embeddings", "bert_attention_mask", "bert_encoder_layer", "bert_mlm_head"]
+PIECE_SEEDS = range(4)
+
+
+def emb_functional(input_ids, token_type_ids, weights, eps=1e-12):
+    """F.embedding and F.layer_norm."""
+    length = input_ids.shape[1]
+    x = (
+        F.embedding(input_ids, weights["word_embeddings.weight"])
+        + F.embedding(torch.arange(length), weights["position_embeddings.weight"])
+        + F.embedding(token_type_ids, weights["token_type_embeddings.weight"])
+    )
+    d = x.shape[-1]
+    return F.layer_norm(x, (d,), weights["LayerNorm.weight"], weights["LayerNorm.bias"], eps)
+
+
+def emb_one_hot_loop(input_ids, token_type_ids, weights, eps=1e-12):
+    """One-hot matmuls and a Python loop over positions, in numpy for the normalisation."""
+    word = weights["word_embeddings.weight"]
+    out = torch.empty(*input_ids.shape, word.shape[1], dtype=word.dtype)
+    for j in range(input_ids.shape[1]):
+        one = F.one_hot(input_ids[:, j], word.shape[0]).to(word.dtype)
+        out[:, j] = one @ word + weights["position_embeddings.weight"][j]
+        out[:, j] += weights["token_type_embeddings.weight"][token_type_ids[:, j]]
+    a = out.numpy()
+    mu, var = a.mean(-1, keepdims=True), a.var(-1, keepdims=True)
+    y = (a - mu) / np.sqrt(var + eps)
+    return torch.from_numpy(y) * weights["LayerNorm.weight"] + weights["LayerNorm.bias"]
+
+
+def mask_where(attention_mask, dtype=torch.float32):
+    return torch.where(attention_mask.bool(), 0.0, -1e9).to(dtype)[:, None, None, :]
+
+
+def mask_old_hf(attention_mask, dtype=torch.float32):
+    """transformers before 4.x's finfo: (1 - mask) * -10000.0."""
+    return ((1.0 - attention_mask[:, None, None, :].to(dtype)) * -10000.0).to(dtype)
+
+
+def layer_sdpa(hidden_states, attention_mask, weights, num_heads, eps=1e-12):
+    """F.linear, F.scaled_dot_product_attention, F.gelu, F.layer_norm."""
+    n, length, d = hidden_states.shape
+    w = weights
+
+    def lin(x, name):
+        return F.linear(x, w[f"{name}.weight"], w[f"{name}.bias"])
+
+    def heads(name):
+        return (
+            lin(hidden_states, f"attention.self.{name}")
+            .view(n, length, num_heads, -1)
+            .transpose(1, 2)
+        )
+
+    ctx = F.scaled_dot_product_attention(
+        heads("query"), heads("key"), heads("value"), attn_mask=attention_mask
+    )
+    a = lin(ctx.transpose(1, 2).reshape(n, length, d), "attention.output.dense")
+    ln1 = (w["attention.output.LayerNorm.weight"], w["attention.output.LayerNorm.bias"])
+    h = F.layer_norm(hidden_states + a, (d,), *ln1, eps)
+    f = lin(F.gelu(lin(h, "intermediate.dense")), "output.dense")
+    return F.layer_norm(h + f, (d,), w["output.LayerNorm.weight"], w["output.LayerNorm.bias"], eps)
+
+
+def layer_einsum(hidden_states, attention_mask, weights, num_heads, eps=1e-12):
+    """einsum over explicit head axes, erf GELU written out, LayerNorm by hand."""
+    w = weights
+    n, length, d = hidden_states.shape
+    dh = d // num_heads
+
+    def proj(x, name):
+        wt = w[f"{name}.weight"]
+        return torch.einsum("nld,ed->nle", x, wt) + w[f"{name}.bias"]
+
+    def norm(x, name):
+        mu = x.mean(-1, keepdim=True)
+        sd = (x.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
+        return (x - mu) / sd * w[f"{name}.weight"] + w[f"{name}.bias"]
+
+    q, k, v = (
+        proj(hidden_states, f"attention.self.{p}").view(n, length, num_heads, dh)
+        for p in ("query", "key", "value")
+    )
+    s = torch.einsum("nqhe,nkhe->nhqk", q, k) / dh**0.5
+    if attention_mask is not None:
+        s = s + attention_mask
+    p = torch.exp(s - s.amax(-1, keepdim=True))
+    p = p / p.sum(-1, keepdim=True)
+    ctx = torch.einsum("nhqk,nkhe->nqhe", p, v).reshape(n, length, d)
+    h = norm(hidden_states + proj(ctx, "attention.output.dense"), "attention.output.LayerNorm")
+    z = proj(h, "intermediate.dense")
+    z = z * 0.5 * (1 + torch.erf(z / 2**0.5))
+    return norm(h + proj(z, "output.dense"), "output.LayerNorm")
+
+
+def mlm_functional(sequence_output, word_embeddings, weights, eps=1e-12):
+    w = weights
+    t = F.gelu(F.linear(sequence_output, w["transform.dense.weight"], w["transform.dense.bias"]))
+    t = F.layer_norm(
+        t, t.shape[-1:], w["transform.LayerNorm.weight"], w["transform.LayerNorm.bias"], eps
+    )
+    return F.linear(t, word_embeddings, w["bias"])
+
+
+CORRECT_PIECES = [
+    ("bert_embeddings", emb_functional),
+    ("bert_embeddings", emb_one_hot_loop),
+    ("bert_attention_mask", mask_where),
+    ("bert_attention_mask", mask_old_hf),
+    ("bert_encoder_layer", layer_sdpa),
+    ("bert_encoder_layer", layer_einsum),
+    ("bert_mlm_head", mlm_functional),
+    *((ex, cu.reference(ex)) for ex in BERT_IDS),
+]
+
+
+@pytest.mark.parametrize("ex,fn", CORRECT_PIECES, ids=lambda x: getattr(x, "__name__", x))
+def test_bert_pieces_correct_styles_pass(ex, fn):
+    for seed in PIECE_SEEDS:
+        assert cu.check(ex, fn, seed=seed, strict=True).passed
+
+
+# =====================================================================================
+# The encoder pieces: planted mistakes
+# =====================================================================================
+def _emb(ids, types, w, eps=1e-12, *, start=0, seg=True, norm="after"):
+    length = ids.shape[1]
+    g, b = w["LayerNorm.weight"], w["LayerNorm.bias"]
+    word = w["word_embeddings.weight"][ids]
+    if norm == "before":
+        word = F.layer_norm(word, word.shape[-1:], g, b, eps)
+    x = word + w["position_embeddings.weight"][start : start + length]
+    if seg:
+        x = x + w["token_type_embeddings.weight"][types]
+    return F.layer_norm(x, x.shape[-1:], g, b, eps) if norm == "after" else x
+
+
+def emb_positions_from_one(ids, types, w, eps=1e-12):
+    return _emb(ids, types, w, eps, start=1)
+
+
+def emb_no_segments(ids, types, w, eps=1e-12):
+    return _emb(ids, types, w, eps, seg=False)
+
+
+def emb_no_norm(ids, types, w, eps=1e-12):
+    return _emb(ids, types, w, eps, norm="none")
+
+
+def emb_norm_first(ids, types, w, eps=1e-12):
+    return _emb(ids, types, w, eps, norm="before")
+
+
+def emb_eps_ignored(ids, types, w, eps=1e-12):
+    return _emb(ids, types, w, 1e-12)
+
+
+def mask_inverted(attention_mask, dtype=torch.float32):
+    return (attention_mask.to(dtype) * torch.finfo(dtype).min)[:, None, None, :]
+
+
+def mask_zero_one(attention_mask, dtype=torch.float32):
+    return attention_mask.to(dtype)[:, None, None, :]
+
+
+def mask_minus_one(attention_mask, dtype=torch.float32):
+    return (attention_mask.to(dtype) - 1)[:, None, None, :]
+
+
+def mask_inf(attention_mask, dtype=torch.float32):
+    return torch.where(attention_mask.bool(), 0.0, float("-inf")).to(dtype)[:, None, None, :]
+
+
+def mask_queries(attention_mask, dtype=torch.float32):
+    return ch11.ref_bert_attention_mask(attention_mask, dtype).transpose(-1, -2)
+
+
+def mask_flat(attention_mask, dtype=torch.float32):
+    return ch11.ref_bert_attention_mask(attention_mask, dtype)[:, 0, 0]
+
+
+def mask_positive(attention_mask, dtype=torch.float32):
+    return -ch11.ref_bert_attention_mask(attention_mask, dtype)
+
+
+def _layer(**kw):
+    def fn(hidden_states, attention_mask, weights, num_heads, eps=1e-12):
+        return ch11._layer_variant(hidden_states, attention_mask, weights, num_heads, eps, **kw)
+
+    return fn
+
+
+def layer_one_head(hidden_states, attention_mask, weights, num_heads, eps=1e-12):
+    return ch11._layer_variant(hidden_states, attention_mask, weights, 1, eps)
+
+
+def layer_mask_ignored(hidden_states, attention_mask, weights, num_heads, eps=1e-12):
+    return ch11._layer_variant(hidden_states, None, weights, num_heads, eps)
+
+
+def _head(**kw):
+    def fn(sequence_output, word_embeddings, weights, eps=1e-12):
+        return ch11._mlm_variant(sequence_output, word_embeddings, weights, eps, **kw)
+
+    return fn
+
+
+def mlm_untied(sequence_output, word_embeddings, weights, eps=1e-12):
+    """Looks for a decoder matrix of its own, as an untied head would."""
+    decoder = weights["decoder.weight"]
+    return _head(bias=False)(sequence_output, decoder, weights, eps) + weights["bias"]
+
+
+def mlm_untied_fresh(sequence_output, word_embeddings, weights, eps=1e-12):
+    torch.manual_seed(0)
+    decoder = torch.nn.Linear(sequence_output.shape[-1], word_embeddings.shape[0]).to(
+        sequence_output.dtype
+    )
+    eye = torch.eye(sequence_output.shape[-1], dtype=sequence_output.dtype)
+    return decoder(_head(bias=False)(sequence_output, eye, weights, eps)).detach()
+
+
+def mlm_no_transform(sequence_output, word_embeddings, weights, eps=1e-12):
+    return sequence_output @ word_embeddings.T + weights["bias"]
+
+
+PIECE_MISTAKES = [
+    ("bert_embeddings", emb_positions_from_one, "position ids start at 1"),
+    ("bert_embeddings", emb_no_segments, "segment \\(token_type\\) embeddings are missing"),
+    ("bert_embeddings", emb_no_norm, "the LayerNorm is missing"),
+    ("bert_embeddings", emb_norm_first, "LayerNorm was applied before the sum"),
+    ("bert_embeddings", emb_eps_ignored, "eps argument was ignored"),
+    ("bert_attention_mask", mask_inverted, "padding mask is inverted"),
+    ("bert_attention_mask", mask_zero_one, "0/1 mask was added to the scores as it is"),
+    ("bert_attention_mask", mask_minus_one, "0/1 mask was added to the scores as it is"),
+    ("bert_attention_mask", mask_inf, "large but finite negative number"),
+    ("bert_attention_mask", mask_queries, "laid out over queries"),
+    ("bert_attention_mask", mask_flat, "kept the shape \\(N, L\\)"),
+    ("bert_attention_mask", mask_positive, "sign looks flipped"),
+    ("bert_encoder_layer", _layer(order="pre"), "pre-LN"),
+    ("bert_encoder_layer", _layer(order="after"), "residual was added after the LayerNorm"),
+    ("bert_encoder_layer", _layer(gelu=ch11._gelu_tanh), "tanh approximation of GELU"),
+    ("bert_encoder_layer", _layer(scale=False), "not divided by sqrt\\(d_head\\)"),
+    ("bert_encoder_layer", _layer(gelu=torch.relu), "ReLU was used"),
+    ("bert_encoder_layer", layer_one_head, "heads were not split"),
+    ("bert_encoder_layer", layer_mask_ignored, "attention_mask was not added"),
+    ("bert_mlm_head", mlm_untied, "TIED to the input embeddings"),
+    ("bert_mlm_head", _head(bias=False), "output bias is missing"),
+    ("bert_mlm_head", _head(norm=False), "transform's LayerNorm is missing"),
+    ("bert_mlm_head", _head(gelu=ch11._gelu_tanh), "tanh approximation of GELU"),
+    ("bert_mlm_head", _head(gelu=lambda z: z), "GELU of the transform is missing"),
+    ("bert_mlm_head", mlm_no_transform, "transform \\(dense, GELU, LayerNorm\\) was skipped"),
+]
+
+
+@pytest.mark.parametrize(
+    "ex,fn,pattern", PIECE_MISTAKES, ids=lambda x: getattr(x, "__name__", None)
+)
+def test_bert_piece_mistake_is_named(ex, fn, pattern):
+    for seed in MISTAKE_SEEDS:
+        with pytest.raises(cu.CheckFailure, match=pattern):
+            cu.check(ex, fn, seed=seed, strict=True)
+
+
+def test_untied_head_with_a_fresh_decoder_is_rejected():
+    with pytest.raises(cu.CheckFailure, match="`logits` is wrong"):
+        cu.check("bert_mlm_head", mlm_untied_fresh, strict=True)
+
+
+# =====================================================================================
+# The encoder pieces: judged by transformers where installed, by the references where not
+# =====================================================================================
+def _judge(ex, fn=None):
+    rows = cu.check(ex, fn or cu.reference(ex), strict=True).rows
+    return next(r.verdict for r in rows if r.quantity == "judged against")
+
+
+@pytest.mark.parametrize("ex", BERT_IDS)
+def test_bert_pieces_judged_by_transformers_when_installed(ex):
+    pytest.importorskip("transformers")
+    assert "(transformers)" in _judge(ex)
+
+
+@pytest.mark.parametrize("ex", BERT_IDS)
+def test_bert_pieces_work_without_transformers(ex, monkeypatch):
+    monkeypatch.setitem(
+        sys.modules, "transformers", None
+    )  # `import transformers` now raises ImportError
+    assert ch11.hf_bert() is None
+    assert "transformers not installed" in _judge(ex)
+    mistakes = [(fn, pattern) for e, fn, pattern in PIECE_MISTAKES if e == ex]
+    for fn, pattern in mistakes:
+        with pytest.raises(cu.CheckFailure, match=pattern):
+            cu.check(ex, fn, strict=True)
+    for e, fn in CORRECT_PIECES:
+        if e == ex:
+            assert cu.check(ex, fn, strict=True).passed
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_references_equal_transformers(seed):
+    pytest.importorskip("transformers")
+    t = cu.checking.Tester(cu.checking.get_exercise("bert_embeddings"), None, seed)
+    w = ch11.embedding_weights(t, 9, 8, 2, 8, torch.float64)
+    ids, types = t.randint(9, 3, 6), t.randint(2, 3, 6)
+    torch.testing.assert_close(
+        ch11.ref_bert_embeddings(ids, types, w), ch11.hf_embeddings(ids, types, w)
+    )
+    x = t.randn(3, 6, 8)
+    lw = ch11.layer_weights(t, 8, 16, torch.float64)
+    mask = ch11.ref_bert_attention_mask(ch11.padding(t, 3, 6), torch.float64)
+    torch.testing.assert_close(
+        ch11.ref_bert_encoder_layer(x, mask, lw, 2), ch11.hf_encoder_layer(x, mask, lw, 2)
+    )
+    word = t.randn(9, 8)
+    mw = ch11.mlm_weights(t, 9, 8, torch.float64)
+    torch.testing.assert_close(ch11.ref_bert_mlm_head(x, word, mw), ch11.hf_mlm_head(x, word, mw))
+    # the mistakes the batteries name are really different functions
+    assert not torch.allclose(
+        ch11._layer_variant(x, mask, lw, 2, gelu=ch11._gelu_tanh),
+        ch11.hf_encoder_layer(x, mask, lw, 2),
+    )
+
+
+def test_hf_mlm_head_decoder_is_tied():
+    pytest.importorskip("transformers")
+    m = ch11._hf_module("mlm", torch.float64, vocab=5, hidden=4)
+    assert m.cls.predictions.decoder.weight is m.bert.embeddings.word_embeddings.weight
+
+
+def test_new_exercises_are_listed_with_their_contract_signatures():
+    listed = {e.id: e for e in cu.exercises("11")}
+    assert listed["bert_embeddings"].arg_names == ("input_ids", "token_type_ids", "weights", "eps")
+    assert listed["bert_attention_mask"].arg_names == ("attention_mask", "dtype")
+    assert listed["bert_encoder_layer"].arg_names == (
+        "hidden_states",
+        "attention_mask",
+        "weights",
+        "num_heads",
+        "eps",
+    )
+    assert listed["bert_mlm_head"].arg_names == (
+        "sequence_output",
+        "word_embeddings",
+        "weights",
+        "eps",
+    )

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
-from ..checking import Tester, exercise
+from ..checking import CheckFailure, Tester, exercise
 
 CHAPTER = "11_bert"
 Tensor = torch.Tensor
@@ -832,3 +833,727 @@ def check_mlm_mask(t: Tester) -> None:
     """The statistical battery on four cases and two repeated calls, then mlm_prob 0 and 1 exactly."""
     _check_statistics(t)
     _check_deterministic(t)
+
+
+# =========================================================================================
+# The encoder, piece by piece: embeddings, padding mask, post-LN layer, tied MLM head
+# =========================================================================================
+# Each function takes its weights as a dict whose keys are the state_dict names of the
+# Hugging Face module it rebuilds, so `hf_module.state_dict()` can be passed as it is. The
+# batteries draw random weights (biases and LayerNorm parameters far from their initial
+# 0 and 1, so that a forgotten bias shows) and judge against transformers' own modules in
+# float64 and eval mode when transformers is installed, and against the references below
+# otherwise; the reference and transformers are held equal by the chapter's tests.
+
+EMBEDDING_KEYS = (
+    "word_embeddings.weight",
+    "position_embeddings.weight",
+    "token_type_embeddings.weight",
+    "LayerNorm.weight",
+    "LayerNorm.bias",
+)
+LAYER_KEYS = tuple(
+    f"{module}.{p}"
+    for module in (
+        "attention.self.query",
+        "attention.self.key",
+        "attention.self.value",
+        "attention.output.dense",
+        "attention.output.LayerNorm",
+        "intermediate.dense",
+        "output.dense",
+        "output.LayerNorm",
+    )
+    for p in ("weight", "bias")
+)
+MLM_KEYS = (
+    "transform.dense.weight",
+    "transform.dense.bias",
+    "transform.LayerNorm.weight",
+    "transform.LayerNorm.bias",
+    "bias",
+)
+#: What ref_bert_attention_mask puts at padding, and the most an answer may put there.
+PAD_LIMIT = -1e4
+
+
+def _gelu(x: Tensor) -> Tensor:
+    """The exact GELU, x Phi(x), which is BERT's "gelu" (hidden_act="gelu" in transformers)."""
+    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def _gelu_tanh(x: Tensor) -> Tensor:
+    """The tanh approximation of GELU (GPT-2's "gelu_new"); not what BERT's contract asks for."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def _ln(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """LayerNorm over the last dim with the biased variance."""
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * weight + bias
+
+
+def _linear(x: Tensor, w: dict[str, Tensor], name: str) -> Tensor:
+    """nn.Linear's layout: weight (out, in), y = x W^T + b."""
+    return x @ w[f"{name}.weight"].T + w[f"{name}.bias"]
+
+
+def ref_bert_embeddings(
+    input_ids: Tensor, token_type_ids: Tensor, weights: dict[str, Tensor], eps: float = 1e-12
+) -> Tensor:
+    """LN(word[ids] + position[0..L-1] + token_type[segments]) in eval mode (no dropout): (N, L, d)."""
+    length = input_ids.shape[1]
+    x = (
+        weights["word_embeddings.weight"][input_ids]  # (N, L, d)
+        + weights["position_embeddings.weight"][:length]  # (L, d), broadcast over N
+        + weights["token_type_embeddings.weight"][token_type_ids]  # (N, L, d)
+    )
+    return _ln(x, weights["LayerNorm.weight"], weights["LayerNorm.bias"], eps)
+
+
+def ref_bert_attention_mask(attention_mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """(N, L) of 1 (real) / 0 (padding) -> additive (N, 1, 1, L): 0 at real keys, finfo(dtype).min at padding."""
+    keep = attention_mask.to(dtype)  # bool, int or float all become 1.0 / 0.0
+    return ((1.0 - keep) * torch.finfo(dtype).min)[:, None, None, :]
+
+
+def _attention(
+    x: Tensor, mask: Tensor | None, w: dict[str, Tensor], heads: int, *, scale: bool = True
+) -> Tensor:
+    n, length, d = x.shape
+    dh = d // heads
+
+    def split(name: str) -> Tensor:
+        return _linear(x, w, f"attention.self.{name}").view(n, length, heads, dh).transpose(1, 2)
+
+    q, k, v = split("query"), split("key"), split("value")  # (N, h, L, dh)
+    scores = q @ k.transpose(-2, -1)  # (N, h, L, L)
+    if scale:
+        scores = scores / math.sqrt(dh)
+    if mask is not None:
+        scores = scores + mask  # (N, 1, 1, L): one row of key penalties per sequence
+    context = (scores.softmax(-1) @ v).transpose(1, 2).reshape(n, length, d)  # (N, L, d)
+    return _linear(context, w, "attention.output.dense")
+
+
+def _layer_variant(
+    x: Tensor,
+    mask: Tensor | None,
+    w: dict[str, Tensor],
+    heads: int,
+    eps: float = 1e-12,
+    *,
+    order: str = "post",
+    gelu: Callable[[Tensor], Tensor] = _gelu,
+    scale: bool = True,
+) -> Tensor:
+    """The post-LN layer and the usual ways of getting it wrong (order: post, pre, after)."""
+
+    def ln(y: Tensor, name: str) -> Tensor:
+        return _ln(y, w[f"{name}.weight"], w[f"{name}.bias"], eps)
+
+    def ffn(y: Tensor) -> Tensor:
+        return _linear(gelu(_linear(y, w, "intermediate.dense")), w, "output.dense")
+
+    attn_ln, out_ln = "attention.output.LayerNorm", "output.LayerNorm"
+    if order == "pre":  # GPT-2's order: normalise the sublayer's input, add the raw residual
+        h = x + _attention(ln(x, attn_ln), mask, w, heads, scale=scale)
+        return h + ffn(ln(h, out_ln))
+    if order == "after":  # normalise the sublayer's output, then add the residual
+        h = ln(_attention(x, mask, w, heads, scale=scale), attn_ln) + x
+        return ln(ffn(h), out_ln) + h
+    h = ln(x + _attention(x, mask, w, heads, scale=scale), attn_ln)  # (N, L, d)
+    return ln(h + ffn(h), out_ln)
+
+
+def ref_bert_encoder_layer(
+    hidden_states: Tensor,
+    attention_mask: Tensor | None,
+    weights: dict[str, Tensor],
+    num_heads: int,
+    eps: float = 1e-12,
+) -> Tensor:
+    """One post-LN BERT layer in eval mode: H = LN(X + Attn(X)), Y = LN(H + FFN(H)), exact GELU."""
+    return _layer_variant(hidden_states, attention_mask, weights, num_heads, eps)
+
+
+def _mlm_variant(
+    seq: Tensor,
+    word: Tensor,
+    w: dict[str, Tensor],
+    eps: float = 1e-12,
+    *,
+    norm: bool = True,
+    bias: bool = True,
+    gelu: Callable[[Tensor], Tensor] = _gelu,
+) -> Tensor:
+    t = gelu(_linear(seq, w, "transform.dense"))  # (N, L, d)
+    if norm:
+        t = _ln(t, w["transform.LayerNorm.weight"], w["transform.LayerNorm.bias"], eps)
+    logits = t @ word.T  # (N, L, V): the decoder IS the token embedding table
+    return logits + w["bias"] if bias else logits
+
+
+def ref_bert_mlm_head(
+    sequence_output: Tensor, word_embeddings: Tensor, weights: dict[str, Tensor], eps: float = 1e-12
+) -> Tensor:
+    """MLM logits: LN(GELU(x W_t^T + b_t)) @ word_embeddings^T + bias, shape (N, L, V)."""
+    return _mlm_variant(sequence_output, word_embeddings, weights, eps)
+
+
+# ---- transformers, where it is installed ----------------------------------------------------
+_HF_MODULES: dict[tuple, Any] = {}
+
+
+def hf_bert() -> Any:
+    """transformers' modeling_bert module, or None where transformers is not installed."""
+    try:
+        import transformers  # noqa: F401 - only to learn whether it is there
+        from transformers.models.bert import modeling_bert
+    except ImportError:
+        return None
+    return modeling_bert
+
+
+def _hf_module(kind: str, dtype: torch.dtype, eps: float = 1e-12, **sizes: int) -> Any:
+    """A tiny transformers BERT module (built once per size, in eval mode, eager attention), or None."""
+    mb = hf_bert()
+    if mb is None:
+        return None
+    key = (kind, dtype, eps, tuple(sorted(sizes.items())))
+    if key not in _HF_MODULES:
+        config = mb.BertConfig(
+            vocab_size=sizes.get("vocab", 8),
+            hidden_size=sizes["hidden"],
+            num_hidden_layers=1,
+            num_attention_heads=sizes.get("heads", 1),
+            intermediate_size=sizes.get("ffn", 4),
+            max_position_embeddings=sizes.get("positions", 8),
+            type_vocab_size=sizes.get("types", 2),
+            hidden_act="gelu",
+            layer_norm_eps=eps,
+        )
+        config._attn_implementation = "eager"  # scores + additive mask, as the contract states
+        build = {
+            "embeddings": mb.BertEmbeddings,
+            "layer": mb.BertLayer,
+            "mlm": mb.BertForMaskedLM,
+        }[kind]
+        _HF_MODULES[key] = build(config).to(dtype).eval()
+    return _HF_MODULES[key]
+
+
+def _load(module: Any, weights: dict[str, Tensor]) -> Any:
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_(weights[name])
+    return module
+
+
+def hf_embeddings(
+    input_ids: Tensor, token_type_ids: Tensor, weights: dict[str, Tensor], eps: float = 1e-12
+) -> Tensor | None:
+    """transformers.BertEmbeddings with these weights (eval mode), or None without transformers."""
+    (v, d), p, s = (
+        weights["word_embeddings.weight"].shape,
+        *(
+            weights[k].shape[0]
+            for k in ("position_embeddings.weight", "token_type_embeddings.weight")
+        ),
+    )
+    dtype = weights["LayerNorm.weight"].dtype
+    m = _hf_module("embeddings", dtype, eps, vocab=v, hidden=d, positions=p, types=s)
+    if m is None:
+        return None
+    with torch.no_grad():
+        return _load(m, weights)(input_ids=input_ids, token_type_ids=token_type_ids)
+
+
+def hf_encoder_layer(
+    hidden: Tensor, mask: Tensor | None, weights: dict[str, Tensor], heads: int, eps: float = 1e-12
+) -> Tensor | None:
+    """transformers.BertLayer with these weights and this additive mask, or None without transformers."""
+    ffn, d = weights["intermediate.dense.weight"].shape
+    m = _hf_module("layer", hidden.dtype, eps, hidden=d, heads=heads, ffn=ffn)
+    if m is None:
+        return None
+    with torch.no_grad():
+        out = _load(m, weights)(hidden, attention_mask=mask)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def hf_mlm_head(
+    seq: Tensor, word: Tensor, weights: dict[str, Tensor], eps: float = 1e-12
+) -> Tensor | None:
+    """transformers.BertForMaskedLM's head (decoder tied to the word embeddings), or None."""
+    v, d = word.shape
+    m = _hf_module("mlm", seq.dtype, eps, vocab=v, hidden=d)
+    if m is None:
+        return None
+    pred = m.cls.predictions
+    with torch.no_grad():
+        m.bert.embeddings.word_embeddings.weight.copy_(word)
+        _load(
+            pred,
+            {k: weights[k] for k in MLM_KEYS}
+            | {"decoder.weight": word, "decoder.bias": weights["bias"]},
+        )
+        return m.cls(seq)
+
+
+def _judge_name() -> str:
+    return (
+        "transformers"
+        if hf_bert() is not None
+        else "the course's reference (transformers not installed)"
+    )
+
+
+# ---- inputs ------------------------------------------------------------------------------
+def _lin(t: Tester, out: int, inp: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    return t.randn(out, inp, dtype=dtype, scale=inp**-0.5), t.randn(out, dtype=dtype, scale=0.3)
+
+
+def _norm(t: Tester, d: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    return 1.0 + t.randn(d, dtype=dtype, scale=0.3), t.randn(d, dtype=dtype, scale=0.3)
+
+
+def embedding_weights(
+    t: Tester, v: int, p: int, s: int, d: int, dtype: torch.dtype
+) -> dict[str, Tensor]:
+    """Random BertEmbeddings weights, keyed as its state_dict."""
+    g, b = _norm(t, d, dtype)
+    return dict(
+        zip(
+            EMBEDDING_KEYS,
+            (
+                t.randn(v, d, dtype=dtype),
+                t.randn(p, d, dtype=dtype),
+                t.randn(s, d, dtype=dtype),
+                g,
+                b,
+            ),
+            strict=True,
+        )
+    )
+
+
+def layer_weights(t: Tester, d: int, ffn: int, dtype: torch.dtype) -> dict[str, Tensor]:
+    """Random BertLayer weights, keyed as its state_dict."""
+    shapes = [(d, d)] * 4 + [None, (ffn, d), (d, ffn), None]
+    values: list[Tensor] = []
+    for shape in shapes:
+        values += _norm(t, d, dtype) if shape is None else _lin(t, *shape, dtype)
+    return dict(zip(LAYER_KEYS, values, strict=True))
+
+
+def mlm_weights(t: Tester, v: int, d: int, dtype: torch.dtype) -> dict[str, Tensor]:
+    """Random BertLMPredictionHead weights without the (tied) decoder, keyed as its state_dict."""
+    return dict(
+        zip(
+            MLM_KEYS,
+            (*_lin(t, d, d, dtype), *_norm(t, d, dtype), t.randn(v, dtype=dtype)),
+            strict=True,
+        )
+    )
+
+
+def padding(t: Tester, n: int, length: int, how: str = "long") -> Tensor:
+    """An attention_mask (N, L): row 0 full, the others padded from a random length >= 1 on."""
+    lengths = [length] + [1 + int(t.randint(length, 1)) for _ in range(n - 1)]
+    if n > 2:
+        lengths[2] = 1  # a sequence of one real token
+    real = torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]  # (N, L) bool
+    return {"bool": real, "long": real.long(), "float": real.double(), "int32": real.int()}[how]
+
+
+def _call_w(t: Tester, case: str, args: tuple, **kwargs: Any) -> Any:
+    """Call with fresh copies of every weights dict in ``args``; fail if the function changed one."""
+    given = tuple(_copy(a) if isinstance(a, dict) else a for a in args)
+    got = t.call(case, *given, **kwargs)
+    for before, after in zip(args, given, strict=True):
+        if isinstance(before, dict) and (
+            set(before) != set(after) or any(not torch.equal(before[k], after[k]) for k in before)
+        ):
+            t.fail(
+                case, "the function changed the weights dict it was given; it must only read it."
+            )
+    return got
+
+
+def _copy(weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.clone() for k, v in weights.items()}
+
+
+def _judge_row(t: Tester, what: str) -> None:
+    t.ok("all cases", "judged against", f"{what} ({_judge_name()})")
+
+
+def _hint_on_error(failure: CheckFailure, hints: Sequence[tuple[str, str]]) -> CheckFailure:
+    """The same failure with a sentence naming the mistake when its text contains a telltale."""
+    text = str(failure)
+    for telltale, sentence in hints:
+        if telltale in text:
+            return CheckFailure(f"{text} It looks like {sentence}")
+    return failure
+
+
+# ---- bert_embeddings ----------------------------------------------------------------------
+POSITIONS_FROM_ONE = (
+    "position ids start at 1; BERT's position ids are 0, 1, ..., L-1 (the first row of the position "
+    "table belongs to [CLS])."
+)
+NO_SEGMENTS = (
+    "the segment (token_type) embeddings are missing; BERT sums three tables: word, position and "
+    "token_type_embeddings.weight[token_type_ids]."
+)
+NO_EMB_NORM = "the LayerNorm is missing; the sum of the three embeddings is normalised with LayerNorm.weight/bias."
+EMB_NORM_FIRST = (
+    "the LayerNorm was applied before the sum (to the word embeddings, or to each table); BERT sums the "
+    "three embeddings first and normalises the sum."
+)
+EPS_IGNORED = (
+    "the eps argument was ignored (hard-coded); use the eps you are given in the LayerNorm."
+)
+
+
+def _embedding_mistakes(ids: Tensor, types: Tensor, w: dict[str, Tensor], eps: float) -> list:
+    word, pos, seg = (w[k] for k in EMBEDDING_KEYS[:3])
+    g, b = w["LayerNorm.weight"], w["LayerNorm.bias"]
+    length = ids.shape[1]
+
+    def ln(x: Tensor) -> Tensor:
+        return _ln(x, g, b, eps)
+
+    return [
+        (POSITIONS_FROM_ONE, lambda: ln(word[ids] + pos[1 : length + 1] + seg[types])),
+        (NO_SEGMENTS, lambda: ln(word[ids] + pos[:length])),
+        (NO_EMB_NORM, lambda: word[ids] + pos[:length] + seg[types]),
+        (EMB_NORM_FIRST, lambda: ln(word[ids]) + pos[:length] + seg[types]),
+        (EMB_NORM_FIRST, lambda: ln(word[ids]) + ln(pos[:length]) + ln(seg[types])),
+        (EPS_IGNORED, lambda: ref_bert_embeddings(ids, types, w, 1e-12)),
+        (EPS_IGNORED, lambda: ref_bert_embeddings(ids, types, w, 1e-5)),
+    ]
+
+
+@exercise(
+    "bert_embeddings",
+    chapter=CHAPTER,
+    signature="(input_ids (N,L) int64, token_type_ids (N,L) int64, weights: dict, eps=1e-12) -> (N,L,d)",
+    summary="BertEmbeddings in eval mode: LayerNorm(word[ids] + position[0..L-1] + token_type[types]); "
+    "weights keyed as transformers' BertEmbeddings.state_dict()",
+    reference=ref_bert_embeddings,
+)
+def check_bert_embeddings(t: Tester) -> None:
+    """Against transformers.BertEmbeddings (or the reference): padding ids, 2 or 3 segments, L = max, float32."""
+    # (N, L, vocab, positions, types, d, dtype, eps or None for the default)
+    shapes = [
+        (2, 5, 11, 9, 2, 8, torch.float64, None),
+        (3, 7, 6, 10, 3, 6, torch.float64, None),
+        (2, 4, 5, 4, 2, 8, torch.float64, None),  # L = max_position_embeddings
+        (1, 1, 4, 3, 2, 4, torch.float64, None),
+        (2, 6, 9, 8, 2, 8, torch.float64, 0.5),
+        (3, 5, 10, 8, 2, 16, torch.float32, None),
+    ]
+    for n, length, v, p, s, d, dtype, eps in shapes:
+        case = f"N={n}, L={length}, vocab={v}, max positions={p}, {s} segment types, d={d} {str(dtype)[6:]}"
+        w = embedding_weights(t, v, p, s, d, dtype)
+        ids = t.randint(v, n, length)
+        types = t.randint(s, n, length)
+        types[0] = (
+            torch.arange(length) >= length // 2
+        ).long()  # [CLS] A [SEP] B [SEP]: 0...0 1...1
+        kwargs = {} if eps is None else {"eps": eps}
+        if eps is not None:
+            case += f", eps={eps}"
+        try:
+            got = _call_w(t, case, (ids, types, w), **kwargs)
+        except CheckFailure as failure:
+            raise _hint_on_error(failure, [("out of", POSITIONS_FROM_ONE)]) from None
+        e = 1e-12 if eps is None else eps
+        want = hf_embeddings(ids, types, w, e)
+        if want is None:
+            want = ref_bert_embeddings(ids, types, w, e)
+        t.compare(case, "embeddings", got, want, mistakes=_embedding_mistakes(ids, types, w, e))
+    _judge_row(t, "BertEmbeddings in eval mode")
+
+
+# ---- bert_attention_mask ------------------------------------------------------------------
+MASK_INVERTED = (
+    "the padding mask is inverted: the large negative number sits at the real tokens, so every query "
+    "attends to padding only. attention_mask is 1 at real tokens (keep: add 0) and 0 at padding (add a "
+    "large negative number)."
+)
+MASK_ZERO_ONE = (
+    "the 0/1 mask was added to the scores as it is; adding 1 only multiplies a weight by e, padding still "
+    "gets attention. Padding needs a large negative number (transformers uses torch.finfo(dtype).min) so "
+    "that its softmax weight is exactly 0."
+)
+MASK_INF = (
+    "padding got -inf; the contract asks for a large but finite negative number (such as "
+    "torch.finfo(dtype).min), since a row whose keys are all -inf turns into NaN in the softmax."
+)
+MASK_QUERIES = (
+    "the mask was laid out over queries (N, 1, L, 1); padding is removed from the KEYS, so the mask "
+    "varies along the last axis: (N, 1, 1, L)."
+)
+MASK_FLAT = (
+    "the mask kept the shape (N, L); scores are (N, heads, L_query, L_key), so the mask must broadcast "
+    "over heads and queries: (N, 1, 1, L)."
+)
+
+
+def _judge_mask_values(t: Tester, case: str, got: Tensor, real: Tensor) -> None:
+    real4 = real[:, None, None, :]
+    at_real, at_pad = got[real4], got[~real4]
+    values = set(torch.unique(got).tolist())
+    if at_pad.numel() and bool((at_real <= PAD_LIMIT).all()) and bool((at_pad == 0).all()):
+        t.fail(
+            case,
+            f"`mask` is 0 at padding and {float(at_real.min()):.3g} at real tokens. It looks like {MASK_INVERTED}",
+        )
+    if at_pad.numel() and (values <= {0.0, 1.0} or values <= {0.0, -1.0}):
+        t.fail(
+            case, f"`mask` holds only the values {sorted(values)}. It looks like {MASK_ZERO_ONE}"
+        )
+    if bool((at_real != 0).any()):
+        idx = tuple(int(i) for i in ((got != 0) & real4).nonzero()[0])
+        t.fail(
+            case,
+            f"`mask` is {float(got[idx]):.3g} at {idx}, a real token; it must be exactly 0 at every real token.",
+        )
+    if at_pad.numel() and bool(torch.isinf(at_pad).any()):
+        t.fail(case, f"`mask` is -inf at padding. It looks like {MASK_INF}")
+    if at_pad.numel() and bool((at_pad > PAD_LIMIT).any()):
+        worst = float(at_pad.max())
+        hint = " The sign looks flipped: padding must get a NEGATIVE number." if worst > 0 else ""
+        t.fail(
+            case,
+            f"`mask` is {worst:.3g} at a padded key; padding needs a large negative number (at most "
+            f"{PAD_LIMIT:.0e}; transformers uses torch.finfo(dtype).min) so that softmax gives it weight 0.{hint}",
+        )
+    t.ok(case, "mask", "ok (0 at real keys, a large finite negative number at padded keys)")
+
+
+def _judge_mask_in_layer(t: Tester, case: str, mask: Tensor, real: Tensor) -> None:
+    """A layer run with this mask equals the same layer run on each sequence without its padding."""
+    n, length = real.shape
+    d, heads = 8, 2
+    x = t.randn(n, length, d)
+    w = layer_weights(t, d, 16, torch.float64)
+
+    def layer(h: Tensor, m: Tensor | None) -> Tensor:
+        out = hf_encoder_layer(h, m, w, heads)
+        return ref_bert_encoder_layer(h, m, w, heads) if out is None else out
+
+    got = layer(x, mask.to(torch.float64))
+    for i in range(n):
+        k = int(real[i].sum())
+        alone = layer(x[i : i + 1, :k], None)[0]  # (k, d): the sequence without any padding
+        t.compare(
+            f"{case}, sequence {i} ({k} real tokens)",
+            "layer output at real tokens",
+            got[i, :k],
+            alone,
+        )
+
+
+@exercise(
+    "bert_attention_mask",
+    chapter=CHAPTER,
+    signature="(attention_mask (N,L) of 1 real / 0 padding, dtype=torch.float32) -> (N,1,1,L)",
+    summary="the additive padding mask BERT adds to its scores: 0 at real tokens, a large finite negative "
+    "number (<= -1e4; transformers uses finfo(dtype).min) at padding, shaped to broadcast over heads and queries",
+    reference=ref_bert_attention_mask,
+)
+def check_bert_attention_mask(t: Tester) -> None:
+    """Values and shape on int64, bool, float and int32 masks; then its effect in a transformers BertLayer."""
+    cases = [
+        (3, 6, "long", None),
+        (4, 5, "bool", torch.float64),
+        (2, 7, "float", torch.float64),
+        (3, 4, "int32", torch.float32),
+        (1, 3, "long", torch.float32),  # no padding at all
+    ]
+    for n, length, how, dtype in cases:
+        real = padding(t, n, length, "bool")
+        given = real.to(
+            {"bool": torch.bool, "long": torch.int64, "float": torch.float64, "int32": torch.int32}[
+                how
+            ]
+        )
+        out_dtype = torch.float32 if dtype is None else dtype
+        case = f"attention_mask ({n}, {length}) {str(given.dtype)[6:]}" + (
+            "" if dtype is None else f", dtype={str(dtype)[6:]}"
+        )
+        got = t.call(case, given) if dtype is None else t.call(case, given, dtype=dtype)
+        if (
+            torch.is_tensor(got)
+            and tuple(got.shape) in ((n, 1, length, 1), (n, length, 1))
+            and length > 1
+        ):
+            t.fail(case, f"`mask` has shape {tuple(got.shape)}. It looks like {MASK_QUERIES}")
+        if torch.is_tensor(got) and tuple(got.shape) == (n, length) and n > 1:
+            t.fail(case, f"`mask` has shape {tuple(got.shape)}. It looks like {MASK_FLAT}")
+        got = t.expect_tensor(case, "mask", got, shape=(n, 1, 1, length), dtype=out_dtype)
+        _judge_mask_values(t, case, got.detach(), real)
+        if how == "long":
+            _judge_mask_in_layer(t, case, got.detach(), real)
+    _judge_row(t, "BertLayer run on each sequence without its padding")
+
+
+# ---- bert_encoder_layer -------------------------------------------------------------------
+PRE_LN = (
+    "the layer is pre-LN (LayerNorm before each sublayer, x + Attn(LN(x))); BERT is post-LN: "
+    "H = LN(X + Attn(X)), then LN(H + FFN(H))."
+)
+RESIDUAL_AFTER_LN = (
+    "the residual was added after the LayerNorm (LN(Attn(X)) + X); in BERT the residual sum comes first "
+    "and the LayerNorm normalises it: LN(X + Attn(X))."
+)
+GELU_TANH = (
+    'the tanh approximation of GELU was used; BERT\'s hidden_act "gelu" is the exact form '
+    "x * Phi(x) = x/2 * (1 + erf(x / sqrt 2))."
+)
+NO_SCALE = "the scores were not divided by sqrt(d_head) (d_head = d / num_heads)."
+MASK_IGNORED = "the attention_mask was not added to the scores, so queries attend to padding."
+ONE_HEAD = (
+    "the heads were not split: attention was computed once over all d features; reshape Q, K, V to "
+    "(N, num_heads, L, d / num_heads) and attend per head."
+)
+RELU = 'ReLU was used in the feed-forward network; BERT\'s activation is the exact GELU (hidden_act "gelu").'
+
+
+def _layer_mistakes(
+    x: Tensor, mask: Tensor | None, w: dict[str, Tensor], heads: int, eps: float
+) -> list:
+    def v(**kw: Any) -> Callable[[], Tensor]:
+        return lambda: _layer_variant(x, kw.pop("mask", mask), w, kw.pop("heads", heads), eps, **kw)
+
+    mistakes = [
+        (PRE_LN, v(order="pre")),
+        (RESIDUAL_AFTER_LN, v(order="after")),
+        (GELU_TANH, v(gelu=_gelu_tanh)),
+        (NO_SCALE, v(scale=False)),
+        (RELU, v(gelu=torch.relu)),
+    ]
+    if heads > 1:
+        mistakes.append((ONE_HEAD, v(heads=1)))
+    if mask is not None:
+        mistakes.append((MASK_IGNORED, v(mask=None)))
+    if eps != 1e-12:
+        mistakes.append((EPS_IGNORED, lambda: _layer_variant(x, mask, w, heads, 1e-12)))
+    return mistakes
+
+
+@exercise(
+    "bert_encoder_layer",
+    chapter=CHAPTER,
+    signature="(hidden_states (N,L,d), attention_mask (N,1,1,L) additive or None, weights: dict, num_heads, "
+    "eps=1e-12) -> (N,L,d)",
+    summary="one post-LN BertLayer in eval mode: H = LN(X + Attn(X)), Y = LN(H + FFN(H)) with exact GELU; "
+    "weights keyed as transformers' BertLayer.state_dict(), Linear weights (out, in)",
+    reference=ref_bert_encoder_layer,
+)
+def check_bert_encoder_layer(t: Tester) -> None:
+    """Against transformers.BertLayer (eager attention; or the reference): 1 to 4 heads, padding, float32."""
+    # (N, L, d, heads, ffn, mask?, dtype, eps or None)
+    shapes = [
+        (3, 5, 8, 2, 16, True, torch.float64, None),
+        (2, 6, 12, 3, 20, True, torch.float64, None),
+        (2, 4, 8, 1, 8, False, torch.float64, None),
+        (2, 5, 8, 2, 12, True, torch.float64, 0.3),
+        (3, 5, 16, 4, 24, True, torch.float32, None),
+    ]
+    for n, length, d, heads, ffn, masked, dtype, eps in shapes:
+        case = f"N={n}, L={length}, d={d}, num_heads={heads}, d_ff={ffn}, {'padded' if masked else 'attention_mask=None'}"
+        case += f" {str(dtype)[6:]}" + ("" if eps is None else f", eps={eps}")
+        x = t.randn(n, length, d, dtype=dtype)
+        w = layer_weights(t, d, ffn, dtype)
+        mask = ref_bert_attention_mask(padding(t, n, length), dtype) if masked else None
+        kwargs = {} if eps is None else {"eps": eps}
+        if heads % 2:
+            got = _call_w(t, case, (x, mask, w, heads), **kwargs)
+        else:
+            got = _call_w(t, case, (x, mask, w), num_heads=heads, **kwargs)
+        e = 1e-12 if eps is None else eps
+        want = hf_encoder_layer(x, mask, w, heads, e)
+        if want is None:
+            want = ref_bert_encoder_layer(x, mask, w, heads, e)
+        t.compare(case, "layer output", got, want, mistakes=_layer_mistakes(x, mask, w, heads, e))
+    _judge_row(t, "BertLayer in eval mode, eager attention")
+
+
+# ---- bert_mlm_head ------------------------------------------------------------------------
+UNTIED = (
+    "the head looked for a decoder matrix of its own; BERT's MLM decoder is TIED to the input embeddings: "
+    "logits = T @ word_embeddings.T + bias, with the word_embeddings argument as the decoder weight."
+)
+NO_OUT_BIAS = (
+    "the output bias is missing; the logits get weights['bias'] (V,), one per vocabulary entry."
+)
+NO_HEAD_NORM = (
+    "the transform's LayerNorm is missing; the transform is dense, then GELU, then LayerNorm "
+    "(transform.LayerNorm), before the tied decoder."
+)
+NO_TRANSFORM = (
+    "the transform (dense, GELU, LayerNorm) was skipped; BERT's head transforms the hidden states "
+    "before the tied decoder."
+)
+NO_HEAD_GELU = (
+    "the GELU of the transform is missing; the transform is dense, then exact GELU, then LayerNorm."
+)
+
+
+def _mlm_mistakes(seq: Tensor, word: Tensor, w: dict[str, Tensor], eps: float) -> list:
+    def v(**kw: Any) -> Callable[[], Tensor]:
+        return lambda: _mlm_variant(seq, word, w, eps, **kw)
+
+    return [
+        (NO_OUT_BIAS, v(bias=False)),
+        (NO_HEAD_NORM, v(norm=False)),
+        (GELU_TANH, v(gelu=_gelu_tanh)),
+        (NO_HEAD_GELU, v(gelu=lambda z: z)),
+        (NO_TRANSFORM, lambda: seq @ word.T + w["bias"]),
+        (EPS_IGNORED, lambda: _mlm_variant(seq, word, w, 1e-12)),
+    ]
+
+
+@exercise(
+    "bert_mlm_head",
+    chapter=CHAPTER,
+    signature="(sequence_output (N,L,d), word_embeddings (V,d), weights: dict, eps=1e-12) -> (N,L,V)",
+    summary="BERT's MLM head: T = LN(GELU(dense(x))), logits = T @ word_embeddings^T + bias (decoder tied to "
+    "the input embeddings); weights keyed as BertLMPredictionHead.state_dict() without decoder.*",
+    reference=ref_bert_mlm_head,
+)
+def check_bert_mlm_head(t: Tester) -> None:
+    """Against transformers.BertForMaskedLM's head with its decoder tied (or the reference)."""
+    shapes = [
+        (2, 5, 8, 13, torch.float64, None),
+        (1, 3, 6, 5, torch.float64, None),
+        (2, 4, 8, 9, torch.float64, 0.2),
+        (2, 4, 8, 10, torch.float32, None),
+    ]
+    for n, length, d, v, dtype, eps in shapes:
+        case = f"N={n}, L={length}, d={d}, vocab={v} {str(dtype)[6:]}" + (
+            "" if eps is None else f", eps={eps}"
+        )
+        seq = t.randn(n, length, d, dtype=dtype)
+        word = t.randn(v, d, dtype=dtype)
+        w = mlm_weights(t, v, d, dtype)
+        kwargs = {} if eps is None else {"eps": eps}
+        try:
+            got = _call_w(t, case, (seq, word, w), **kwargs)
+        except CheckFailure as failure:
+            raise _hint_on_error(
+                failure,
+                [("KeyError: 'decoder", UNTIED), ("KeyError: 'cls.predictions.decoder", UNTIED)],
+            ) from None
+        e = 1e-12 if eps is None else eps
+        want = hf_mlm_head(seq, word, w, e)
+        if want is None:
+            want = ref_bert_mlm_head(seq, word, w, e)
+        t.compare(case, "logits", got, want, mistakes=_mlm_mistakes(seq, word, w, e))
+    _judge_row(t, "BertForMaskedLM's head, decoder tied to the word embeddings")
