@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import re
 import shutil
 from collections.abc import Callable
@@ -469,7 +470,11 @@ def check_lltm_function(t: Tester) -> None:
 # ---- the C++ extension ---------------------------------------------------------------------
 #: Where built extensions are kept between runs, one folder per source (its hash in the name).
 EXT_CACHE = Path(os.environ.get("COURSE_EXT_CACHE", "~/.cache/course_ext")).expanduser()
-CXX_FLAGS = ("-O2",)
+#: -ffast-math lets GCC call glibc's vector math (exp, tanh for 4 or 8 numbers at once), so the
+#: loops vectorise; -march=native allows the widest vectors of this CPU (hence the CPU in the key).
+CXX_FLAGS = ("-O3", "-ffast-math") + (
+    ("-march=native",) if platform.machine().lower() in {"x86_64", "amd64"} else ()
+)
 
 #: The two pointwise loops of the cell, in C++: the reference for ``lltm_cpp_kernels``.
 LLTM_CPP_KERNELS = r"""
@@ -477,26 +482,31 @@ template <typename scalar_t>
 scalar_t sigmoid(scalar_t a) { return 1 / (1 + std::exp(-a)); }
 
 // gates (B, 3S) row-major, chunks [input | output | candidate]; old_cell, new_h, new_cell (B, S).
+// __restrict__ promises the arrays do not overlap, so the compiler may vectorise the loop.
 template <typename scalar_t>
-void lltm_forward_kernel(const scalar_t* gates, const scalar_t* old_cell, scalar_t* new_h,
-                         scalar_t* new_cell, int64_t B, int64_t S) {
+void lltm_forward_kernel(const scalar_t* __restrict__ gates, const scalar_t* __restrict__ old_cell,
+                         scalar_t* __restrict__ new_h, scalar_t* __restrict__ new_cell, int64_t B,
+                         int64_t S) {
   for (int64_t b = 0; b < B; ++b) {
     const scalar_t* g = gates + b * 3 * S;
     for (int64_t s = 0; s < S; ++s) {
       const scalar_t i = sigmoid(g[s]), o = sigmoid(g[S + s]), z = g[2 * S + s];
       const scalar_t cand = z > 0 ? z : std::expm1(z);  // ELU, alpha = 1
       const int64_t k = b * S + s;
-      new_cell[k] = old_cell[k] + cand * i;
-      new_h[k] = std::tanh(new_cell[k]) * o;
+      const scalar_t c = old_cell[k] + cand * i;
+      new_cell[k] = c;
+      new_h[k] = std::tanh(c) * o;
     }
   }
 }
 
 // Writes d_gates (B, 3S), the gradient of the pre-activations, and d_old_cell (B, S).
 template <typename scalar_t>
-void lltm_backward_kernel(const scalar_t* gates, const scalar_t* old_cell, const scalar_t* grad_h,
-                          const scalar_t* grad_cell, scalar_t* d_gates, scalar_t* d_old_cell,
-                          int64_t B, int64_t S) {
+void lltm_backward_kernel(const scalar_t* __restrict__ gates,
+                          const scalar_t* __restrict__ old_cell,
+                          const scalar_t* __restrict__ grad_h,
+                          const scalar_t* __restrict__ grad_cell, scalar_t* __restrict__ d_gates,
+                          scalar_t* __restrict__ d_old_cell, int64_t B, int64_t S) {
   for (int64_t b = 0; b < B; ++b) {
     const scalar_t* g = gates + b * 3 * S;
     scalar_t* dg = d_gates + b * 3 * S;
@@ -584,9 +594,20 @@ def compiler_missing() -> str:
 
 
 def extension_dir(source: str) -> Path:
-    """The cache folder of ``source``: keyed by the source, the flags and the torch version."""
-    key = hashlib.sha256("\n".join([source, *CXX_FLAGS, torch.__version__]).encode()).hexdigest()
+    """The cache folder of ``source``: keyed by the source, the flags, the torch version and the CPU."""
+    parts = [source, *CXX_FLAGS, torch.__version__, platform.machine(), _cpu_model()]
+    key = hashlib.sha256("\n".join(parts).encode()).hexdigest()
     return EXT_CACHE / f"lltm_{key[:16]}"
+
+
+def _cpu_model() -> str:
+    """The CPU's model name where Linux says it (a build for one CPU may not run on another)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return platform.processor()
+    found = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    return found.group(1).strip() if found else platform.processor()
 
 
 def build_lltm_extension(kernels: str, *, verbose: bool = False) -> LLTMExtension | None:
