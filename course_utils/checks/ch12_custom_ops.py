@@ -364,16 +364,18 @@ def _judge_backward(
 ) -> None:
     b, s3 = args[0].shape[0], args[2].shape[0]
     d_bias = got[2]
-    if torch.is_tensor(d_bias) and tuple(d_bias.shape) in {(b, s3), (1, s3)} and b * s3 != s3:
+    shape = tuple(d_bias.shape) if torch.is_tensor(d_bias) else None
+    if shape == (b, s3) and b > 1:
         t.fail(
             case,
-            f"`d_bias` has shape {tuple(d_bias.shape)}: it was not summed over the batch. The bias "
-            f"is added to every row, so d_bias = d_gates.sum(0), of shape ({s3},).",
+            f"`d_bias` has shape {shape}: it was not summed over the batch. The bias is added to "
+            f"every row, so d_bias = d_gates.sum(0), of shape ({s3},).",
         )
-    if torch.is_tensor(d_bias) and tuple(d_bias.shape) == (1, s3):
+    if shape == (1, s3):
         t.fail(
             case,
-            f"`d_bias` has shape (1, {s3}): sum over the batch without keepdim, to shape ({s3},).",
+            f"`d_bias` has shape (1, {s3}); it should have shape ({s3},): sum d_gates over the "
+            "batch dim (dim 0) without keepdim.",
         )
     # d_old_cell first: the grad_cell path shows there most plainly.
     for k in (4, 0, 3, 1, 2):
