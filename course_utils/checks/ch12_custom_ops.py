@@ -51,13 +51,17 @@ class RefLLTMFunction(torch.autograd.Function):
     """The LLTM cell as an autograd Function: forward saves its inputs, backward recomputes."""
 
     @staticmethod
-    def forward(ctx, input, weights, bias, old_h, old_cell):  # noqa: ANN001, ANN205, D102
+    def forward(
+        ctx: Any, input: Tensor, weights: Tensor, bias: Tensor, old_h: Tensor, old_cell: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """(new_h, new_cell); saves the five inputs."""
         ctx.save_for_backward(input, weights, bias, old_h, old_cell)
         return _lltm(input, weights, bias, old_h, old_cell)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_h, grad_cell):  # noqa: ANN001, ANN205, D102
+    def backward(ctx: Any, grad_h: Tensor, grad_cell: Tensor) -> tuple[Tensor | None, ...]:
+        """One gradient per input, None where ctx.needs_input_grad says none is wanted."""
         grads = _lltm_backward(grad_h, grad_cell, *ctx.saved_tensors)
         return tuple(
             g if need else None for g, need in zip(grads, ctx.needs_input_grad, strict=True)
@@ -68,23 +72,25 @@ class RefLLTMFunction(torch.autograd.Function):
 # contract's X = [old_h, input], "xh" the swapped one; perm[r] is the chunk used for role r
 # (input gate, output gate, candidate); act is the candidate's activation; transposed computes
 # X @ W (only when W is square).
-def _gates(input, weights, bias, old_h, *, order="hx", transposed=False):  # noqa: ANN001, ANN202
+def _gates(
+    input: Tensor, weights: Tensor, bias: Tensor, old_h: Tensor, *, order: str, transposed: bool
+) -> tuple[Tensor, Tensor]:
     X = torch.cat([old_h, input] if order == "hx" else [input, old_h], 1)  # (B, S + I)
     return X, (X @ weights if transposed else X @ weights.T) + bias  # (B, 3S)
 
 
-def _lltm(  # noqa: ANN202
-    input,
-    weights,
-    bias,
-    old_h,
-    old_cell,
+def _lltm(
+    input: Tensor,
+    weights: Tensor,
+    bias: Tensor,
+    old_h: Tensor,
+    old_cell: Tensor,
     *,
-    order="hx",
-    perm=(0, 1, 2),
-    act="elu",
-    transposed=False,
-):  # noqa: ANN001
+    order: str = "hx",
+    perm: tuple[int, ...] = (0, 1, 2),
+    act: str = "elu",
+    transposed: bool = False,
+) -> tuple[Tensor, Tensor]:
     _, gates = _gates(input, weights, bias, old_h, order=order, transposed=transposed)
     chunks = gates.chunk(3, 1)  # three (B, S)
     i, o = torch.sigmoid(chunks[perm[0]]), torch.sigmoid(chunks[perm[1]])
@@ -94,24 +100,24 @@ def _lltm(  # noqa: ANN202
     return torch.tanh(new_cell) * o, new_cell
 
 
-def _lltm_backward(  # noqa: ANN202, PLR0913
-    grad_h,  # noqa: ANN001
-    grad_cell,  # noqa: ANN001
-    input,  # noqa: ANN001
-    weights,  # noqa: ANN001
-    bias,  # noqa: ANN001
-    old_h,  # noqa: ANN001
-    old_cell,  # noqa: ANN001
+def _lltm_backward(
+    grad_h: Tensor,
+    grad_cell: Tensor,
+    input: Tensor,
+    weights: Tensor,
+    bias: Tensor,
+    old_h: Tensor,
+    old_cell: Tensor,
     *,
-    order="hx",  # noqa: ANN001
-    perm=(0, 1, 2),  # noqa: ANN001
-    act="elu",  # noqa: ANN001
-    transposed=False,  # noqa: ANN001
-    cell_path=True,  # noqa: ANN001
-    tanh_prime=True,  # noqa: ANN001
-    elu_negative="exp",  # noqa: ANN001
-    bias_reduce="sum",  # noqa: ANN001
-):
+    order: str = "hx",
+    perm: tuple[int, ...] = (0, 1, 2),
+    act: str = "elu",
+    transposed: bool = False,
+    cell_path: bool = True,
+    tanh_prime: bool = True,
+    elu_negative: str = "exp",
+    bias_reduce: str = "sum",
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     X, gates = _gates(input, weights, bias, old_h, order=order, transposed=transposed)
     chunks = gates.chunk(3, 1)
     a_i, a_o, z = chunks[perm[0]], chunks[perm[1]], chunks[perm[2]]
@@ -409,7 +415,8 @@ def check_lltm_function(t: Tester) -> None:
 
     def run(
         args: tuple[Tensor, ...], grads: tuple[Tensor, Tensor], need: tuple[bool, ...], case: str
-    ):  # noqa: ANN202
+    ) -> tuple[tuple[Tensor, ...], tuple[Tensor | None, ...]]:
+        """The class's outputs and input gradients (None where no grad was asked for)."""
         xs = [a.detach().clone().requires_grad_(n) for a, n in zip(args, need, strict=True)]
         out = cls.apply(*xs)
         if not isinstance(out, tuple | list) or len(out) != 2:
