@@ -37,12 +37,16 @@ NEEDS_COMPILER = pytest.mark.skipif(
 # =====================================================================================
 # Correct implementations, one style each
 # =====================================================================================
+def _cell(gates, old_cell, candidate=F.elu):
+    """The pointwise tail from the (B, 3S) pre-activations: (new_h, new_cell)."""
+    a_i, a_o, a_z = gates.chunk(3, 1)
+    new_cell = old_cell + candidate(a_z) * torch.sigmoid(a_i)
+    return torch.tanh(new_cell) * torch.sigmoid(a_o), new_cell
+
+
 def forward_torch(input, weights, bias, old_h, old_cell):
     """Vectorised, as the derivation reads."""
-    X = torch.cat([old_h, input], 1)
-    a_i, a_o, a_z = (X @ weights.T + bias).chunk(3, 1)
-    new_cell = old_cell + F.elu(a_z) * torch.sigmoid(a_i)
-    return torch.tanh(new_cell) * torch.sigmoid(a_o), new_cell
+    return _cell(torch.cat([old_h, input], 1) @ weights.T + bias, old_cell)
 
 
 def forward_linear_where(input, weights, bias, old_h, old_cell):
@@ -79,9 +83,8 @@ def forward_loops(input, weights, bias, old_h, old_cell):
     return torch.stack(hs), torch.stack(cs)
 
 
-def backward_torch(grad_h, grad_cell, input, weights, bias, old_h, old_cell):
-    """Vectorised, as the derivation reads."""
-    s = old_h.shape[1]
+def _backward_parts(grad_h, grad_cell, input, weights, bias, old_h, old_cell):
+    """X, d_gates (B, 3S) and d_old_cell, as the derivation reads."""
     X = torch.cat([old_h, input], 1)
     a_i, a_o, a_z = (X @ weights.T + bias).chunk(3, 1)
     i, o, z = torch.sigmoid(a_i), torch.sigmoid(a_o), F.elu(a_z)
@@ -91,6 +94,13 @@ def backward_torch(grad_h, grad_cell, input, weights, bias, old_h, old_cell):
     d_gates = torch.cat(
         [d_cell * z * i * (1 - i), grad_h * tc * o * (1 - o), d_cell * i * d_elu], 1
     )
+    return X, d_gates, d_cell
+
+
+def backward_torch(grad_h, grad_cell, input, weights, bias, old_h, old_cell):
+    """Vectorised, as the derivation reads."""
+    s = old_h.shape[1]
+    X, d_gates, d_cell = _backward_parts(grad_h, grad_cell, input, weights, bias, old_h, old_cell)
     d_X = d_gates @ weights
     return d_X[:, s:], d_gates.T @ X, d_gates.sum(0), d_X[:, :s], d_cell
 
@@ -236,30 +246,21 @@ def test_hand_backward_equals_autograd_of_the_forward():
 # =====================================================================================
 def _perm_forward(perm):
     def fn(input, weights, bias, old_h, old_cell):
-        return ch12._lltm(input, weights, bias, old_h, old_cell, perm=perm)
+        return ch12._lltm(input, weights, bias, old_h, old_cell, ch12.Variant(perm=perm))
 
     return fn
 
 
 def fwd_concat_swapped(input, weights, bias, old_h, old_cell):
-    X = torch.cat([input, old_h], 1)
-    a_i, a_o, a_z = (X @ weights.T + bias).chunk(3, 1)
-    c = old_cell + F.elu(a_z) * torch.sigmoid(a_i)
-    return torch.tanh(c) * torch.sigmoid(a_o), c
+    return _cell(torch.cat([input, old_h], 1) @ weights.T + bias, old_cell)
 
 
 def fwd_tanh_for_elu(input, weights, bias, old_h, old_cell):
-    X = torch.cat([old_h, input], 1)
-    a_i, a_o, a_z = (X @ weights.T + bias).chunk(3, 1)
-    c = old_cell + torch.tanh(a_z) * torch.sigmoid(a_i)
-    return torch.tanh(c) * torch.sigmoid(a_o), c
+    return _cell(torch.cat([old_h, input], 1) @ weights.T + bias, old_cell, torch.tanh)
 
 
 def fwd_weights_transposed(input, weights, bias, old_h, old_cell):
-    X = torch.cat([old_h, input], 1)
-    a_i, a_o, a_z = (X @ weights + bias).chunk(3, 1)
-    c = old_cell + F.elu(a_z) * torch.sigmoid(a_i)
-    return torch.tanh(c) * torch.sigmoid(a_o), c
+    return _cell(torch.cat([old_h, input], 1) @ weights + bias, old_cell)
 
 
 def fwd_outputs_swapped(input, weights, bias, old_h, old_cell):
@@ -299,7 +300,9 @@ def test_forward_mistake_is_named(fn, pattern, seed):
 
 def _backward_with(**kw):
     def fn(grad_h, grad_cell, input, weights, bias, old_h, old_cell):
-        return ch12._lltm_backward(grad_h, grad_cell, input, weights, bias, old_h, old_cell, **kw)
+        return ch12._lltm_backward(
+            grad_h, grad_cell, input, weights, bias, old_h, old_cell, ch12.Variant(**kw)
+        )
 
     fn.__name__ = "lltm_backward"
     return fn
@@ -307,19 +310,7 @@ def _backward_with(**kw):
 
 def bwd_bias_not_summed(grad_h, grad_cell, input, weights, bias, old_h, old_cell):
     s = old_h.shape[1]
-    X = torch.cat([old_h, input], 1)
-    a_i, a_o, a_z = (X @ weights.T + bias).chunk(3, 1)
-    i, o, z = torch.sigmoid(a_i), torch.sigmoid(a_o), F.elu(a_z)
-    tc = torch.tanh(old_cell + z * i)
-    d_cell = grad_h * o * (1 - tc**2) + grad_cell
-    d_gates = torch.cat(
-        [
-            d_cell * z * i * (1 - i),
-            grad_h * tc * o * (1 - o),
-            d_cell * i * torch.where(a_z > 0, 1.0, a_z.exp()),
-        ],
-        1,
-    )
+    X, d_gates, d_cell = _backward_parts(grad_h, grad_cell, input, weights, bias, old_h, old_cell)
     d_X = d_gates @ weights
     return d_X[:, s:], d_gates.T @ X, d_gates, d_X[:, :s], d_cell
 
@@ -400,11 +391,11 @@ class FnTanhForElu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weights, bias, old_h, old_cell):
         ctx.save_for_backward(input, weights, bias, old_h, old_cell)
-        return ch12._lltm(input, weights, bias, old_h, old_cell, act="tanh")
+        return ch12._lltm(input, weights, bias, old_h, old_cell, ch12.Variant(act="tanh"))
 
     @staticmethod
     def backward(ctx, grad_h, grad_cell):
-        return ch12._lltm_backward(grad_h, grad_cell, *ctx.saved_tensors, act="tanh")
+        return ch12._lltm_backward(grad_h, grad_cell, *ctx.saved_tensors, ch12.Variant(act="tanh"))
 
 
 FUNCTION_MISTAKES = [

@@ -9,6 +9,7 @@ import platform
 import re
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from itertools import permutations
 from pathlib import Path
 from typing import Any
@@ -68,36 +69,51 @@ class RefLLTMFunction(torch.autograd.Function):
         )
 
 
-# The keyword options build the mistaken versions the batteries name. order: "hx" is the
-# contract's X = [old_h, input], "xh" the swapped one; perm[r] is the chunk used for role r
-# (input gate, output gate, candidate); act is the candidate's activation; transposed computes
-# X @ W (only when W is square).
+@dataclass(frozen=True)
+class Variant:
+    """How a (possibly mistaken) LLTM computes; the defaults are the contract's cell.
+
+    The other values build the mistakes the batteries name.
+    """
+
+    order: str = "hx"
+    """"hx": X = [old_h, input], the contract's; "xh": the swapped concatenation."""
+    perm: tuple[int, ...] = (0, 1, 2)
+    """perm[r] is the chunk used for role r (input gate, output gate, candidate)."""
+    act: str = "elu"
+    """The candidate's activation: "elu", "tanh" or "sigmoid"."""
+    transposed: bool = False
+    """gates = X @ W + b (runs only when W is square)."""
+    cell_path: bool = True
+    """Backward: grad_cell is added into d_new_cell."""
+    tanh_prime: bool = True
+    """Backward: grad_h reaches new_cell through (1 - tanh^2)."""
+    elu_negative: str = "exp"
+    """Backward: ELU'(z) for z <= 0: "exp" (right), "zero", "one" or "value" (ELU(z) itself)."""
+    bias_reduce: str = "sum"
+    """Backward: d_bias as the "sum" (right) or the "mean" over the batch."""
+
+
+CELL = Variant()
+
+
 def _gates(
-    input: Tensor, weights: Tensor, bias: Tensor, old_h: Tensor, *, order: str, transposed: bool
-) -> tuple[Tensor, Tensor]:
-    X = torch.cat([old_h, input] if order == "hx" else [input, old_h], 1)  # (B, S + I)
-    return X, (X @ weights if transposed else X @ weights.T) + bias  # (B, 3S)
+    input: Tensor, weights: Tensor, bias: Tensor, old_h: Tensor, v: Variant
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """X (B, S+I) and the pre-activations (a_i, a_o, a_z), each (B, S), of variant ``v``."""
+    X = torch.cat([old_h, input] if v.order == "hx" else [input, old_h], 1)  # (B, S + I)
+    gates = (X @ weights if v.transposed else X @ weights.T) + bias  # (B, 3S)
+    chunks = gates.chunk(3, 1)
+    return X, chunks[v.perm[0]], chunks[v.perm[1]], chunks[v.perm[2]]
 
 
 def _lltm(
-    input: Tensor,
-    weights: Tensor,
-    bias: Tensor,
-    old_h: Tensor,
-    old_cell: Tensor,
-    *,
-    order: str = "hx",
-    perm: tuple[int, ...] = (0, 1, 2),
-    act: str = "elu",
-    transposed: bool = False,
+    input: Tensor, weights: Tensor, bias: Tensor, old_h: Tensor, old_cell: Tensor, v: Variant = CELL
 ) -> tuple[Tensor, Tensor]:
-    _, gates = _gates(input, weights, bias, old_h, order=order, transposed=transposed)
-    chunks = gates.chunk(3, 1)  # three (B, S)
-    i, o = torch.sigmoid(chunks[perm[0]]), torch.sigmoid(chunks[perm[1]])
-    z = chunks[perm[2]]
-    cand = {"elu": F.elu(z), "tanh": torch.tanh(z), "sigmoid": torch.sigmoid(z)}[act]
-    new_cell = old_cell + cand * i
-    return torch.tanh(new_cell) * o, new_cell
+    _, a_i, a_o, z = _gates(input, weights, bias, old_h, v)
+    cand = {"elu": F.elu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}[v.act](z)
+    new_cell = old_cell + cand * torch.sigmoid(a_i)
+    return torch.tanh(new_cell) * torch.sigmoid(a_o), new_cell
 
 
 def _lltm_backward(
@@ -108,47 +124,37 @@ def _lltm_backward(
     bias: Tensor,
     old_h: Tensor,
     old_cell: Tensor,
-    *,
-    order: str = "hx",
-    perm: tuple[int, ...] = (0, 1, 2),
-    act: str = "elu",
-    transposed: bool = False,
-    cell_path: bool = True,
-    tanh_prime: bool = True,
-    elu_negative: str = "exp",
-    bias_reduce: str = "sum",
+    v: Variant = CELL,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    X, gates = _gates(input, weights, bias, old_h, order=order, transposed=transposed)
-    chunks = gates.chunk(3, 1)
-    a_i, a_o, z = chunks[perm[0]], chunks[perm[1]], chunks[perm[2]]
+    X, a_i, a_o, z = _gates(input, weights, bias, old_h, v)
     i, o = torch.sigmoid(a_i), torch.sigmoid(a_o)
-    cand = F.elu(z) if act == "elu" else torch.tanh(z)
+    cand = F.elu(z) if v.act == "elu" else torch.tanh(z)
     tc = torch.tanh(old_cell + cand * i)  # tanh(new_cell)
     d_o = grad_h * tc
-    d_cell = grad_h * o * ((1 - tc * tc) if tanh_prime else 1)  # (B, S)
-    if cell_path:
+    d_cell = grad_h * o * ((1 - tc * tc) if v.tanh_prime else 1)  # (B, S)
+    if v.cell_path:
         d_cell = d_cell + grad_cell
-    if act == "elu":
+    if v.act == "elu":
         negative = {
             "exp": torch.exp(z),
             "zero": torch.zeros_like(z),
             "one": torch.ones_like(z),
             "value": torch.expm1(z),
-        }[elu_negative]
+        }[v.elu_negative]
         dz = torch.where(z > 0, torch.ones_like(z), negative)
     else:
         dz = 1 - cand * cand
     by_role = (d_cell * cand * i * (1 - i), d_o * o * (1 - o), d_cell * i * dz)
-    pieces = [by_role[perm.index(k)] for k in range(3)]
+    pieces = [by_role[v.perm.index(k)] for k in range(3)]
     d_gates = torch.cat(pieces, 1)  # (B, 3S)
-    if transposed:
+    if v.transposed:
         d_weights, d_X = X.T @ d_gates, d_gates @ weights.T
     else:
         d_weights, d_X = d_gates.T @ X, d_gates @ weights  # (3S, S + I), (B, S + I)
-    d_bias = d_gates.sum(0) if bias_reduce == "sum" else d_gates.mean(0)
-    first = old_h.shape[1] if order == "hx" else input.shape[1]
+    d_bias = d_gates.sum(0) if v.bias_reduce == "sum" else d_gates.mean(0)
+    first = old_h.shape[1] if v.order == "hx" else input.shape[1]
     head, tail = d_X[:, :first], d_X[:, first:]
-    d_input, d_old_h = (tail, head) if order == "hx" else (head, tail)
+    d_input, d_old_h = (tail, head) if v.order == "hx" else (head, tail)
     return d_input, d_weights, d_bias, d_old_h, d_cell
 
 
@@ -237,7 +243,8 @@ def _models(
     xs = tuple(a.double() for a in args)
     fn = _lltm if forward else _lltm_backward
     return [
-        (sentence, lambda kw=kw: fn(*xs, **kw)[k]) for sentence, kw in _mistakes(forward, square)
+        (sentence, lambda kw=kw: fn(*xs, Variant(**kw))[k])
+        for sentence, kw in _mistakes(forward, square)
     ]
 
 
