@@ -604,12 +604,16 @@ def test_a_compile_error_comes_back_as_the_compilers_error_lines(tmp_path, monke
         raise RuntimeError(
             "Error building extension 'lltm_x': [1/2] c++ ...\n"
             "main.cpp:12:5: error: 'sigmoidd' was not declared in this scope\n"
+            "main.cpp:12:5: error: 'sigmoidd' was not declared in this scope\n"
             "ninja: build stopped: subcommand failed."
         )
 
     monkeypatch.setattr(cpp, "load_inline", fails)
-    with pytest.raises(RuntimeError, match=r"did not compile:\n.*'sigmoidd' was not declared"):
+    with pytest.raises(
+        RuntimeError, match=r"did not compile .*:\n.*'sigmoidd' was not declared"
+    ) as info:
         ch12.build_lltm_extension("this is not C++")
+    assert str(info.value).count("sigmoidd") == 1, "the line compiled for float and double twice"
 
 
 def test_the_cache_folder_is_keyed_by_the_source():

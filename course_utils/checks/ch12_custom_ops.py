@@ -646,9 +646,12 @@ def build_lltm_extension(kernels: str, *, verbose: bool = False) -> LLTMExtensio
             verbose=verbose,
         )
     except RuntimeError as err:
-        errors = [line for line in str(err).splitlines() if re.search(r"\berror\b", line)][:5]
+        # Each template is compiled for float and double, so an error can come twice.
+        lines = [line for line in str(err).splitlines() if re.search(r"\berror\b", line)]
+        errors = list(dict.fromkeys(lines))[:5] or [str(err)]
         raise RuntimeError(
-            "The C++ extension did not compile:\n" + "\n".join(errors or [str(err)])
+            "The C++ extension did not compile (line numbers are those of "
+            "ch12.lltm_cpp_source(kernels), your kernels inside the glue):\n" + "\n".join(errors)
         ) from None
     return LLTMExtension(module, folder)
 
