@@ -158,12 +158,28 @@ def _parser() -> _Parser:
     p.set_defaults(run=cmd_build)
 
     p = sub.add_parser(
+        "release",
+        help="write the learners' handout (student notebooks, README, wheel; no solutions)",
+    )
+    p.add_argument("out", type=Path, metavar="OUT", help="a new folder outside the repository")
+    p.set_defaults(run=cmd_release)
+
+    p = sub.add_parser(
         "gpu", help="run every GPU cell and benchmark of the course; write .ci/gpu.md (needs CUDA)"
     )
     p.add_argument("--out", type=Path, metavar="FILE.md", help="default: .ci/gpu.md")
     p.add_argument("--only", nargs="*", metavar="NN", help="only these chapters (numbers)")
     p.set_defaults(run=cmd_gpu)
     return parser
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    """Write the learners' handout into a new folder."""
+    from . import release
+
+    written = release.release(args.out)
+    print(f"wrote {args.out}: {release.describe(written)}")
+    return 0
 
 
 def cmd_gpu(args: argparse.Namespace) -> int:
@@ -186,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if not getattr(args, "run", None):
             raise UsageError(
-                "give a command: list, check, status, grade, build or gpu (see `course --help`)"
+                "give a command: list, check, status, grade, build, release or gpu (see `course --help`)"
             )
         return args.run(args)
     except SystemExit as done:  # --help and --version
