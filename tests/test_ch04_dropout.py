@@ -972,6 +972,17 @@ def mc_batched_population_std(model, x, n_samples):
     return ys.mean(0), ys.std(0, unbiased=False)
 
 
+def mc_deepcopy(model, x, n_samples):
+    """Samples a deep copy, so the caller's model is never touched."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    _only_dropout_on(twin)
+    with torch.no_grad():
+        ys = torch.stack([twin(x) for _ in range(n_samples)])
+    return ys.mean(0), ys.std(0)
+
+
 def mc_eval(model, x, n_samples):
     model.eval()
     ys = torch.stack([model(x).detach() for _ in range(n_samples)])
@@ -999,7 +1010,7 @@ def mc_not_restored(model, x, n_samples):
     return ys.mean(0), ys.std(0)
 
 
-@pytest.mark.parametrize("fn", [mc_loop, mc_batched_population_std])
+@pytest.mark.parametrize("fn", [mc_loop, mc_batched_population_std, mc_deepcopy])
 def test_correct_mc_dropout_predict_passes_on_every_seed(fn):
     for seed in SEEDS:
         report = cu.check("mc_dropout_predict", fn, seed=seed, strict=True)
@@ -1177,3 +1188,20 @@ def test_new_exercises_are_listed_with_their_signatures():
 def test_new_references_pass_on_several_seeds(ex):
     for seed in range(5):
         assert cu.check(ex, cu.reference(ex), seed=seed, strict=True).passed
+
+
+@pytest.mark.parametrize("ex", ["dropout_function", "dropout2d", "mc_dropout_predict"])
+def test_new_statistical_batteries_keep_the_false_alarm_budget(ex):
+    rows = cu.check(ex, cu.reference(ex), strict=True).rows
+    stat_rows = [r for r in rows if "bound" in r.verdict]
+    assert 2 <= len(stat_rows) <= ch04.MAX_STAT_TESTS
+    assert len(stat_rows) * ch04.DELTA <= 1e-6
+
+
+@pytest.mark.parametrize(
+    "ex", ["dropout_function", "dropout2d", "mc_dropout_predict", "grid_search_cv"]
+)
+def test_new_checks_are_deterministic_per_seed(ex):
+    a = cu.check(ex, cu.reference(ex), seed=3, strict=True).rows
+    b = cu.check(ex, cu.reference(ex), seed=3, strict=True).rows
+    assert [(r.case, r.verdict) for r in a] == [(r.case, r.verdict) for r in b]

@@ -919,10 +919,14 @@ def mc_probe(
     """Run the learner's mc_dropout_predict on a known model; report its answer and the layers' modes."""
     model = _mc_model(w, p, start_training)
     before = [m.training for m in model.modules()]
-    seen: list[tuple[bool, bool]] = []
-    bn, drop = model[0], model[1]
-    model[2].register_forward_pre_hook(lambda m, a: seen.append((bn.training, drop.training)))
+    bn_modes: list[bool] = []
+    drop_modes: list[bool] = []
+    bn = model[0]
+    # Hooks read the flag of the module they run on, so a deep copy of the model reports its own.
+    bn.register_forward_pre_hook(lambda m, a: bn_modes.append(m.training))
+    model[1].register_forward_pre_hook(lambda m, a: drop_modes.append(m.training))
     got = fn(model, x, n_samples)
+    seen = list(zip(bn_modes, drop_modes, strict=False))
     after = [m.training for m in model.modules()]
     stats = bn.running_mean.abs().max().item()
     if isinstance(got, tuple | list):
