@@ -630,3 +630,578 @@ def test_reference_output_is_zero_or_scaled_input_on_any_shape(shape, p, trainin
 def test_dropout_through_torch_is_refused_naming_the_call():
     with pytest.raises(cu.CheckFailure, match=r"called F\.dropout.*build yourself"):
         cu.check("dropout", dropout_functional, strict=True)
+
+
+# =====================================================================================
+# dropout_function: forward saves the mask, backward reuses it
+# =====================================================================================
+class FunctionBoolMask(torch.autograd.Function):
+    """A bool mask on ctx.save_for_backward and the scale as a ctx attribute."""
+
+    @staticmethod
+    def forward(ctx, x, p, training):
+        if not training or p == 0:
+            ctx.save_for_backward(torch.ones_like(x, dtype=torch.bool))
+            ctx.scale = 1.0
+            return x.clone()
+        keep = torch.rand(x.shape) >= p
+        ctx.save_for_backward(keep)
+        ctx.scale = 0.0 if p == 1 else 1 / (1 - p)
+        return x * keep * ctx.scale
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (keep,) = ctx.saved_tensors
+        return grad_output * keep * ctx.scale, None, None
+
+
+class FunctionScaledMaskNumpy(torch.autograd.Function):
+    """The scaled mask m/(1-p), drawn with numpy, kept as a ctx attribute."""
+
+    @staticmethod
+    def forward(ctx, x, p, training):
+        if training and p > 0:
+            scale = 0.0 if p == 1 else 1.0 / (1.0 - p)
+            keep = _NP_RNG.random(tuple(x.shape)) >= p
+            ctx.mask = torch.from_numpy(keep * scale).to(x.dtype)
+        else:
+            ctx.mask = torch.ones_like(x)
+        return x * ctx.mask
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output * ctx.mask, None, None
+
+
+class FunctionWhere(torch.autograd.Function):
+    """torch.where on a saved keep mask; identity branches return grad_output itself."""
+
+    @staticmethod
+    def forward(ctx, x, p, training):
+        ctx.active = training and p > 0
+        if not ctx.active:
+            return x.clone()
+        keep = torch.rand(x.shape, dtype=torch.float64) > p
+        ctx.save_for_backward(keep)
+        ctx.p = p
+        return torch.where(keep, x / (1 - p), torch.zeros_like(x))
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if not ctx.active:
+            return grad_output, None, None
+        (keep,) = ctx.saved_tensors
+        return (
+            torch.where(keep, grad_output / (1 - ctx.p), torch.zeros_like(grad_output)),
+            None,
+            None,
+        )
+
+
+FUNCTION_CORRECT = [FunctionBoolMask, FunctionScaledMaskNumpy, FunctionWhere]
+
+
+@pytest.mark.parametrize("cls", FUNCTION_CORRECT, ids=[c.__name__ for c in FUNCTION_CORRECT])
+def test_correct_dropout_function_passes_on_every_seed(cls):
+    for seed in range(8):
+        report = cu.check("dropout_function", cls, seed=seed, strict=True)
+        assert report.passed, (seed, report)
+
+
+def _function(forward_rule, backward_rule):
+    """An autograd Function from two plain rules, for the planted mistakes."""
+
+    class Planted(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, p, training):
+            return forward_rule(ctx, x, p, training)
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            return backward_rule(ctx, grad_output)
+
+    return Planted
+
+
+def _fwd_keep(ctx, x, p, training):
+    ctx.p, ctx.training, ctx.shape = p, training and p > 0, x.shape
+    if not ctx.training:
+        return x.clone()
+    ctx.keep = (torch.rand(x.shape) >= p).to(x.dtype)
+    ctx.scale = 0.0 if p == 1 else 1 / (1 - p)
+    return x * ctx.keep * ctx.scale
+
+
+def _bwd_fresh_mask(ctx, g):
+    if not ctx.training:
+        return g, None, None
+    return g * (torch.rand(ctx.shape) >= ctx.p).to(g.dtype) * ctx.scale, None, None
+
+
+def _bwd_no_scale(ctx, g):
+    return (g if not ctx.training else g * ctx.keep), None, None
+
+
+def _bwd_pass_through(ctx, g):
+    return g, None, None
+
+
+def _bwd_only_dx(ctx, g):
+    return g if not ctx.training else g * ctx.keep * ctx.scale
+
+
+def _bwd_divides(ctx, g):
+    """Recomputes the scale as 1/(1-p): 0 * inf = NaN at p=1."""
+    return (g if not ctx.training else g * ctx.keep / (1 - ctx.p)), None, None
+
+
+def _fwd_nan_at_p1(ctx, x, p, training):
+    ctx.training = training
+    if not training:
+        return x.clone()
+    ctx.keep = (torch.rand(x.shape) >= p).to(x.dtype)
+    ctx.p = p
+    return x * ctx.keep / (1 - p)
+
+
+def _bwd_mask_always(ctx, g):
+    return (g * ctx.keep / (1 - ctx.p) if ctx.training else g), None, None
+
+
+def _fwd_scale_always(ctx, x, p, training):
+    ctx.scale = 0.0 if p == 1 else 1 / (1 - p)
+    if not training or p == 0:
+        return x.clone()
+    ctx.keep = (torch.rand(x.shape) >= p).to(x.dtype)
+    return x * ctx.keep * ctx.scale
+
+
+def _bwd_scale_always(ctx, g):
+    """Eval forward is the identity, but backward still scales by 1/(1-p)."""
+    keep = getattr(ctx, "keep", torch.ones_like(g))
+    return g * keep * ctx.scale, None, None
+
+
+FUNCTION_MISTAKES = [
+    (
+        "fresh_mask_in_backward",
+        _function(_fwd_keep, _bwd_fresh_mask),
+        r"backward drew a fresh mask",
+    ),
+    (
+        "no_scale_in_backward",
+        _function(_fwd_keep, _bwd_no_scale),
+        r"backward forgot the 1/\(1-p\) scale",
+    ),
+    (
+        "grad_passes_through",
+        _function(_fwd_keep, _bwd_pass_through),
+        r"passed grad_output through unchanged",
+    ),
+    (
+        "returns_only_dx",
+        _function(_fwd_keep, _bwd_only_dx),
+        r"wrong number of gradients.*\(dx, None, None\)",
+    ),
+    (
+        "nan_in_backward_at_p1",
+        _function(_fwd_keep, _bwd_divides),
+        r"p=1 the grad x has NaN or inf: backward divided",
+    ),
+    (
+        "nan_in_forward_at_p1",
+        _function(_fwd_nan_at_p1, _bwd_mask_always),
+        r"p=1 the output has NaN or inf: forward divided",
+    ),
+    (
+        "grad_scaled_in_eval",
+        _function(_fwd_scale_always, _bwd_scale_always),
+        r"backward scaled grad_output by 1/\(1-p\) although the forward was the identity",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "cls", "pattern"), FUNCTION_MISTAKES, ids=[m[0] for m in FUNCTION_MISTAKES]
+)
+def test_dropout_function_mistake_is_named(name, cls, pattern):
+    for seed in MISTAKE_SEEDS:
+        with pytest.raises(cu.CheckFailure, match=pattern):
+            cu.check("dropout_function", cls, seed=seed, strict=True)
+
+
+def test_dropout_function_wants_the_class():
+    with pytest.raises(cu.CheckFailure, match=r"pass the class itself.*drop the parentheses"):
+        cu.check("dropout_function", FunctionBoolMask(), strict=True)
+    with pytest.raises(cu.CheckFailure, match=r"pass the class itself"):
+        cu.check("dropout_function", dropout_rand, strict=True)
+
+
+# =====================================================================================
+# dropout2d: whole channels
+# =====================================================================================
+def dropout2d_rand(x, p, training=True):
+    if not training:
+        return x
+    if p == 1:
+        return torch.zeros_like(x)
+    coin = torch.rand(x.shape[0], x.shape[1], *([1] * (x.dim() - 2)))
+    return x * (coin >= p).to(x.dtype) / (1 - p)
+
+
+def dropout2d_loops(x, p, training=True):
+    """One Python coin per (sample, channel), written into a copy."""
+    out = x.clone()
+    if not training:
+        return out
+    for n in range(x.shape[0]):
+        for c in range(x.shape[1]):
+            out[n, c] = 0.0 if random.random() < p else x[n, c] / (1 - p)
+    return out
+
+
+def dropout2d_bernoulli_view(x, p, training=True):
+    if not training or p == 0:
+        return x.clone()
+    scale = 0.0 if p == 1 else 1 / (1 - p)
+    keep = torch.bernoulli(torch.full(x.shape[:2], 1 - p, dtype=x.dtype))  # (N, C)
+    return x * keep.view(*x.shape[:2], *([1] * (x.dim() - 2))) * scale
+
+
+DROPOUT2D_CORRECT = [dropout2d_rand, dropout2d_loops, dropout2d_bernoulli_view]
+
+
+@pytest.mark.parametrize("fn", DROPOUT2D_CORRECT, ids=[f.__name__ for f in DROPOUT2D_CORRECT])
+def test_correct_dropout2d_passes_on_every_seed(fn):
+    for seed in SEEDS:
+        report = cu.check("dropout2d", fn, seed=seed, strict=True)
+        assert report.passed, (seed, report)
+
+
+def _masked(x, p, shape):
+    return x * (torch.rand(shape) >= p).to(x.dtype) / (1 - p)
+
+
+def dropout2d_elementwise(x, p, training=True):
+    if not training:
+        return x
+    return torch.zeros_like(x) if p == 1 else _masked(x, p, x.shape)
+
+
+def dropout2d_shared_batch(x, p, training=True):
+    if not training:
+        return x
+    return torch.zeros_like(x) if p == 1 else _masked(x, p, (1, x.shape[1], *([1] * (x.dim() - 2))))
+
+
+def dropout2d_per_sample(x, p, training=True):
+    if not training:
+        return x
+    return torch.zeros_like(x) if p == 1 else _masked(x, p, (x.shape[0], *([1] * (x.dim() - 1))))
+
+
+def dropout2d_no_rescale(x, p, training=True):
+    if not training:
+        return x
+    return _masked(x, p, (*x.shape[:2], *([1] * (x.dim() - 2)))) * (1 - p)
+
+
+def dropout2d_nan_at_p1(x, p, training=True):
+    if not training:
+        return x
+    return _masked(x, p, (*x.shape[:2], *([1] * (x.dim() - 2))))
+
+
+def dropout2d_active_in_eval(x, p, training=True):
+    return torch.zeros_like(x) if p == 1 else _masked(x, p, (*x.shape[:2], *([1] * (x.dim() - 2))))
+
+
+DROPOUT2D_MISTAKES = [
+    (dropout2d_elementwise, r"It looks like an elementwise mask"),
+    (dropout2d_shared_batch, r"along dim 0 .* the same channel mask for every sample"),
+    (dropout2d_per_sample, r"along dim 1 .* one coin per sample shared by all its channels"),
+    (dropout2d_no_rescale, r"survivors were not rescaled"),
+    (dropout2d_nan_at_p1, r"with p=1 the output has NaN or inf"),
+    (dropout2d_active_in_eval, r"entries were zeroed with training=False, p=0\.5: in eval mode"),
+]
+
+
+@pytest.mark.parametrize(
+    ("fn", "pattern"), DROPOUT2D_MISTAKES, ids=[f.__name__ for f, _ in DROPOUT2D_MISTAKES]
+)
+def test_dropout2d_mistake_is_named(fn, pattern):
+    for seed in MISTAKE_SEEDS:
+        with pytest.raises(cu.CheckFailure, match=pattern):
+            cu.check("dropout2d", fn, seed=seed, strict=True)
+
+
+# =====================================================================================
+# mc_dropout_predict
+# =====================================================================================
+def _only_dropout_on(model):
+    modes = [m.training for m in model.modules()]
+    model.eval()
+    for m in model.modules():
+        if isinstance(
+            m, torch.nn.Dropout | torch.nn.Dropout1d | torch.nn.Dropout2d | torch.nn.Dropout3d
+        ):
+            m.train()
+    return modes
+
+
+def _restore(model, modes):
+    for m, mode in zip(model.modules(), modes, strict=True):
+        m.training = mode
+
+
+def mc_loop(model, x, n_samples):
+    modes = _only_dropout_on(model)
+    with torch.no_grad():
+        ys = torch.stack([model(x) for _ in range(n_samples)])
+    _restore(model, modes)
+    return ys.mean(0), ys.std(0)
+
+
+def mc_batched_population_std(model, x, n_samples):
+    """All passes in one batch (BatchNorm in eval keeps rows apart); std divided by n."""
+    modes = _only_dropout_on(model)
+    with torch.no_grad():
+        ys = model(x.repeat(n_samples, 1))  # (n_samples * N, D): row block t is pass t
+    _restore(model, modes)
+    ys = ys.reshape(n_samples, *x.shape[:1], -1)  # (n_samples, N, D)
+    return ys.mean(0), ys.std(0, unbiased=False)
+
+
+def mc_deepcopy(model, x, n_samples):
+    """Samples a deep copy, so the caller's model is never touched."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    _only_dropout_on(twin)
+    with torch.no_grad():
+        ys = torch.stack([twin(x) for _ in range(n_samples)])
+    return ys.mean(0), ys.std(0)
+
+
+def mc_eval(model, x, n_samples):
+    model.eval()
+    ys = torch.stack([model(x).detach() for _ in range(n_samples)])
+    return ys.mean(0), ys.std(0)
+
+
+def mc_model_train(model, x, n_samples):
+    modes = [m.training for m in model.modules()]
+    model.train()
+    ys = torch.stack([model(x).detach() for _ in range(n_samples)])
+    _restore(model, modes)
+    return ys.mean(0), ys.std(0)
+
+
+def mc_wrong_axis(model, x, n_samples):
+    modes = _only_dropout_on(model)
+    ys = torch.stack([model(x).detach() for _ in range(n_samples)])
+    _restore(model, modes)
+    return ys.mean(0), ys.std(1)
+
+
+def mc_not_restored(model, x, n_samples):
+    _only_dropout_on(model)
+    ys = torch.stack([model(x).detach() for _ in range(n_samples)])
+    return ys.mean(0), ys.std(0)
+
+
+@pytest.mark.parametrize("fn", [mc_loop, mc_batched_population_std, mc_deepcopy])
+def test_correct_mc_dropout_predict_passes_on_every_seed(fn):
+    for seed in SEEDS:
+        report = cu.check("mc_dropout_predict", fn, seed=seed, strict=True)
+        assert report.passed, (seed, report)
+
+
+MC_MISTAKES = [
+    (mc_eval, r"It looks like model\.eval\(\) was called and left so"),
+    (mc_model_train, r"BatchNorm ran in training mode .* whole model was in training mode"),
+    (mc_wrong_axis, r"`std` has shape .* over the wrong axis"),
+    (mc_not_restored, r"mode was not restored afterwards"),
+]
+
+
+@pytest.mark.parametrize(("fn", "pattern"), MC_MISTAKES, ids=[f.__name__ for f, _ in MC_MISTAKES])
+def test_mc_dropout_predict_mistake_is_named(fn, pattern):
+    for seed in MISTAKE_SEEDS:
+        with pytest.raises(cu.CheckFailure, match=pattern):
+            cu.check("mc_dropout_predict", fn, seed=seed, strict=True)
+
+
+def test_mc_std_test_catches_a_wrong_spread():
+    """Right modes, right mean, but the std doubled: only the Maurer-Pontil bound can tell."""
+
+    def doubled(model, x, n_samples):
+        mean, std = mc_loop(model, x, n_samples)
+        return mean, 2 * std
+
+    with pytest.raises(cu.CheckFailure, match=r"`std` is .* expected .* ±"):
+        cu.check("mc_dropout_predict", doubled, strict=True)
+
+
+# =====================================================================================
+# grid_search_cv
+# =====================================================================================
+def _candidates(param_grid):
+    import itertools
+
+    names = list(param_grid)
+    return [dict(zip(names, v, strict=True)) for v in itertools.product(*param_grid.values())]
+
+
+def _cv(
+    make_model,
+    param_grid,
+    X,
+    y,
+    n_splits,
+    fit,
+    score,
+    folds,
+    pick=np.argmax,
+    train_on=None,
+    agg=np.mean,
+):
+    means = []
+    everything = np.arange(len(X))
+    for params in _candidates(param_grid):
+        scores = []
+        for val in folds:
+            train = np.setdiff1d(everything, val) if train_on is None else train_on(everything, val)
+            model = make_model(**params)
+            fit(model, X[torch.as_tensor(train)], y[torch.as_tensor(train)])
+            scored = val if train_on is None or len(np.intersect1d(train, val)) == 0 else train
+            scores.append(score(model, X[torch.as_tensor(scored)], y[torch.as_tensor(scored)]))
+        means.append(float(agg(scores)))
+    return _candidates(param_grid)[int(pick(means))], means
+
+
+def grid_shuffled_array_split(make_model, param_grid, X, y, n_splits, fit, score):
+    """Shuffled folds from np.array_split; mean_scores as a list."""
+    order = np.random.default_rng(0).permutation(len(X))
+    return _cv(make_model, param_grid, X, y, n_splits, fit, score, np.array_split(order, n_splits))
+
+
+def grid_contiguous(make_model, param_grid, X, y, n_splits, fit, score):
+    return _cv(
+        make_model,
+        param_grid,
+        X,
+        y,
+        n_splits,
+        fit,
+        score,
+        np.array_split(np.arange(len(X)), n_splits),
+    )
+
+
+def test_correct_grid_search_cv_passes():
+    for fn in (grid_shuffled_array_split, grid_contiguous):
+        for seed in range(5):
+            report = cu.check("grid_search_cv", fn, seed=seed, strict=True)
+            assert report.passed, (fn.__name__, seed, report)
+
+
+def grid_scores_on_train(make_model, param_grid, X, y, n_splits, fit, score):
+    folds = np.array_split(np.arange(len(X)), n_splits)
+    return _cv(
+        make_model, param_grid, X, y, n_splits, fit, score, folds, train_on=lambda every, val: every
+    )
+
+
+def grid_overlapping(make_model, param_grid, X, y, n_splits, fit, score):
+    n = len(X)
+    size = -(-n // n_splits)
+    step = n // n_splits
+    folds = [np.arange(k * step, min(k * step + size, n)) for k in range(n_splits)]
+    return _cv(make_model, param_grid, X, y, n_splits, fit, score, folds)
+
+
+def grid_drops_remainder(make_model, param_grid, X, y, n_splits, fit, score):
+    size = len(X) // n_splits
+    folds = [np.arange(k * size, (k + 1) * size) for k in range(n_splits)]
+    return _cv(make_model, param_grid, X, y, n_splits, fit, score, folds)
+
+
+def grid_picks_min(make_model, param_grid, X, y, n_splits, fit, score):
+    folds = np.array_split(np.arange(len(X)), n_splits)
+    return _cv(make_model, param_grid, X, y, n_splits, fit, score, folds, pick=np.argmin)
+
+
+def grid_sums(make_model, param_grid, X, y, n_splits, fit, score):
+    folds = np.array_split(np.arange(len(X)), n_splits)
+    return _cv(make_model, param_grid, X, y, n_splits, fit, score, folds, agg=np.sum)
+
+
+def grid_one_model_per_candidate(make_model, param_grid, X, y, n_splits, fit, score):
+    folds = np.array_split(np.arange(len(X)), n_splits)
+    everything = np.arange(len(X))
+    means = []
+    for params in _candidates(param_grid):
+        model = make_model(**params)
+        scores = []
+        for val in folds:
+            train = torch.as_tensor(np.setdiff1d(everything, val))
+            fit(model, X[train], y[train])
+            scores.append(score(model, X[torch.as_tensor(val)], y[torch.as_tensor(val)]))
+        means.append(float(np.mean(scores)))
+    return _candidates(param_grid)[int(np.argmax(means))], means
+
+
+GRID_MISTAKES = [
+    (grid_scores_on_train, r"It looks like it was scored on the training fold"),
+    (grid_overlapping, r"held-out folds overlap"),
+    (grid_drops_remainder, r"must cover every sample"),
+    (grid_picks_min, r"It looks like the minimum was picked"),
+    (grid_sums, r"fold scores were summed, not averaged"),
+    (grid_one_model_per_candidate, r"fitted 4 times .* build a fresh model with make_model"),
+]
+
+
+@pytest.mark.parametrize(
+    ("fn", "pattern"), GRID_MISTAKES, ids=[f.__name__ for f, _ in GRID_MISTAKES]
+)
+def test_grid_search_cv_mistake_is_named(fn, pattern):
+    with pytest.raises(cu.CheckFailure, match=pattern):
+        cu.check("grid_search_cv", fn, strict=True)
+
+
+def test_new_exercises_are_listed_with_their_signatures():
+    listed = {e.id: e for e in cu.exercises("04")}
+    assert listed["dropout_function"].signature.startswith(
+        "class DropoutFunction(torch.autograd.Function)"
+    )
+    assert listed["dropout2d"].signature == "(x (N,C,H,W) or (N,C,L), p, training=True) -> Tensor"
+    assert listed["mc_dropout_predict"].signature == "(model, x, n_samples) -> (mean, std)"
+    assert listed["grid_search_cv"].signature.startswith(
+        "(make_model, param_grid, X, y, n_splits, fit, score)"
+    )
+
+
+@pytest.mark.parametrize(
+    "ex", ["dropout_function", "dropout2d", "mc_dropout_predict", "grid_search_cv"]
+)
+def test_new_references_pass_on_several_seeds(ex):
+    for seed in range(5):
+        assert cu.check(ex, cu.reference(ex), seed=seed, strict=True).passed
+
+
+@pytest.mark.parametrize("ex", ["dropout_function", "dropout2d", "mc_dropout_predict"])
+def test_new_statistical_batteries_keep_the_false_alarm_budget(ex):
+    rows = cu.check(ex, cu.reference(ex), strict=True).rows
+    stat_rows = [r for r in rows if "bound" in r.verdict]
+    assert 2 <= len(stat_rows) <= ch04.MAX_STAT_TESTS
+    assert len(stat_rows) * ch04.DELTA <= 1e-6
+
+
+@pytest.mark.parametrize(
+    "ex", ["dropout_function", "dropout2d", "mc_dropout_predict", "grid_search_cv"]
+)
+def test_new_checks_are_deterministic_per_seed(ex):
+    a = cu.check(ex, cu.reference(ex), seed=3, strict=True).rows
+    b = cu.check(ex, cu.reference(ex), seed=3, strict=True).rows
+    assert [(r.case, r.verdict) for r in a] == [(r.case, r.verdict) for r in b]
