@@ -422,6 +422,154 @@ def cnn_other_style(params, X, y, train=True, dropout_p=0.0, bn_state=None):
     return loss, {"W1": dw1, "gamma": dgamma, "beta": dbeta, "W2": hflat.T @ ds, "b2": ds.sum(0)}
 
 
+# ---- GroupNorm -------------------------------------------------------------------------
+def _pc_gn(v, x):
+    return v.reshape((1, -1) + (1,) * (x.dim() - 2))
+
+
+def gn_forward_torch(x, num_groups, gamma, beta, eps=1e-5):
+    """Vectorised torch on the five-dim view (N, G, C/G, *spatial)."""
+    n, c = x.shape[:2]
+    v = x.reshape(n, num_groups, c // num_groups, *x.shape[2:])
+    dims = tuple(range(2, v.dim()))
+    mean = v.mean(dims, keepdim=True)
+    var = ((v - mean) ** 2).mean(dims, keepdim=True)
+    xhat = ((v - mean) / torch.sqrt(var + eps)).reshape(x.shape)
+    return xhat * _pc_gn(gamma, x) + _pc_gn(beta, x)
+
+
+def gn_forward_numpy(x, num_groups, gamma, beta, eps=1e-5):
+    """Through numpy, one group per row."""
+    a = x.numpy()
+    rows = a.reshape(a.shape[0], num_groups, -1)
+    xhat = (
+        (rows - rows.mean(-1, keepdims=True)) / np.sqrt(rows.var(-1, keepdims=True) + eps)
+    ).reshape(a.shape)
+    shape = (1, -1) + (1,) * (a.ndim - 2)
+    out = xhat * gamma.numpy().reshape(shape) + beta.numpy().reshape(shape)
+    return torch.from_numpy(np.asarray(out)).to(x.dtype)
+
+
+def gn_forward_loops(x, num_groups, gamma, beta, eps=1e-5):
+    """One (example, group) at a time, in Python floats."""
+    n, c = x.shape[:2]
+    k = c // num_groups
+    out = torch.empty_like(x)
+    for i in range(n):
+        for g in range(num_groups):
+            block = x[i, g * k : (g + 1) * k]
+            vals = block.reshape(-1).tolist()
+            mu = sum(vals) / len(vals)
+            rstd = 1 / math.sqrt(sum((v - mu) ** 2 for v in vals) / len(vals) + eps)
+            for j in range(k):
+                ch = g * k + j
+                out[i, ch] = (x[i, ch].double() - mu) * rstd * float(gamma[ch]) + float(beta[ch])
+    return out
+
+
+def gn_forward_via_layernorm(x, num_groups, gamma, beta, eps=1e-5):
+    """The learner's own LayerNorm on the rows (N, G, C/G * spatial), then the per-channel affine."""
+    rows = x.reshape(x.shape[0], num_groups, -1)
+    m = rows.shape[-1]
+    ones, zeros = torch.ones(m, dtype=x.dtype), torch.zeros(m, dtype=x.dtype)
+    xhat = ln_forward_welford(rows, ones, zeros, eps).reshape(x.shape)
+    return xhat * _pc_gn(gamma, x) + _pc_gn(beta, x)
+
+
+def gn_backward_compact(dout, x, num_groups, gamma, eps=1e-5):
+    """LayerNorm's compact formula on each (example, group) row, with h = dout * gamma."""
+    n = x.shape[0]
+    rows = x.reshape(n, num_groups, -1)
+    rstd = torch.rsqrt(rows.var(-1, unbiased=False, keepdim=True) + eps)
+    xhat = (rows - rows.mean(-1, keepdim=True)) * rstd
+    h = (dout * _pc_gn(gamma, x)).reshape(rows.shape)
+    dx = rstd * (h - h.mean(-1, keepdim=True) - xhat * (h * xhat).mean(-1, keepdim=True))
+    dims = _dims(x)
+    return dx.reshape(x.shape), (dout * xhat.reshape(x.shape)).sum(dims), dout.sum(dims)
+
+
+def gn_backward_via_layernorm(dout, x, num_groups, gamma, eps=1e-5):
+    """The learner's own LayerNorm backward on the rows, fed the gradient reaching xhat."""
+    rows = x.reshape(x.shape[0], num_groups, -1)
+    h = (dout * _pc_gn(gamma, x)).reshape(rows.shape)
+    dx, _, _ = ln_backward_compact(h, rows, torch.ones(rows.shape[-1], dtype=x.dtype), eps)
+    xhat = gn_forward_torch(x, num_groups, torch.ones_like(gamma), torch.zeros_like(gamma), eps)
+    dims = _dims(x)
+    return dx.reshape(x.shape), (dout * xhat).sum(dims), dout.sum(dims)
+
+
+def gn_backward_graph(dout, x, num_groups, gamma, eps=1e-5):
+    """Node by node along the graph of §2.2, within each group."""
+    rows = x.reshape(x.shape[0], num_groups, -1)
+    m = rows.shape[-1]
+    mu = rows.sum(-1, keepdim=True) / m
+    xc = rows - mu
+    var = (xc * xc).sum(-1, keepdim=True) / m
+    s = (var + eps) ** -0.5
+    xhat = xc * s
+    dxhat = (dout * _pc_gn(gamma, x)).reshape(rows.shape)
+    ds = (dxhat * xc).sum(-1, keepdim=True)
+    dvar = -0.5 * s**3 * ds
+    dxc = dxhat * s + dvar * 2 * xc / m
+    dmu = -dxc.sum(-1, keepdim=True)
+    dx = (dxc + dmu / m).reshape(x.shape)
+    dims = _dims(x)
+    return dx, (dout * xhat.reshape(x.shape)).sum(dims), dout.sum(dims)
+
+
+def gn_backward_numpy(dout, x, num_groups, gamma, eps=1e-5):
+    """Through numpy, channels moved last for the parameter sums."""
+    a, d = x.numpy(), dout.numpy()
+    rows = a.reshape(a.shape[0], num_groups, -1)
+    rstd = 1 / np.sqrt(rows.var(-1, keepdims=True) + eps)
+    xhat = (rows - rows.mean(-1, keepdims=True)) * rstd
+    shape = (1, -1) + (1,) * (a.ndim - 2)
+    h = (d * gamma.numpy().reshape(shape)).reshape(rows.shape)
+    dx = rstd * (h - h.mean(-1, keepdims=True) - xhat * (h * xhat).mean(-1, keepdims=True))
+    c = a.shape[1]
+    d_last = np.moveaxis(d, 1, -1).reshape(-1, c)
+    xhat_last = np.moveaxis(xhat.reshape(a.shape), 1, -1).reshape(-1, c)
+    out = (dx.reshape(a.shape), (d_last * xhat_last).sum(0), d_last.sum(0))
+    return tuple(torch.from_numpy(np.ascontiguousarray(v)).to(x.dtype) for v in out)
+
+
+def gn_backward_loops(dout, x, num_groups, gamma, eps=1e-5):
+    """One (example, group) at a time, in Python floats."""
+    n, c = x.shape[:2]
+    k = c // num_groups
+    dx = torch.empty_like(x)
+    dgamma = torch.zeros(c, dtype=torch.float64)
+    dbeta = torch.zeros(c, dtype=torch.float64)
+    for i in range(n):
+        for g in range(num_groups):
+            chans = range(g * k, (g + 1) * k)
+            vals = [x[i, ch].reshape(-1).tolist() for ch in chans]
+            grads = [dout[i, ch].reshape(-1).tolist() for ch in chans]
+            flat = [v for row in vals for v in row]
+            m = len(flat)
+            mu = sum(flat) / m
+            rstd = 1 / math.sqrt(sum((v - mu) ** 2 for v in flat) / m + eps)
+            xh = [[(v - mu) * rstd for v in row] for row in vals]
+            hs = [
+                [gi * float(gamma[ch]) for gi in row] for row, ch in zip(grads, chans, strict=True)
+            ]
+            mean_h = sum(sum(r) for r in hs) / m
+            mean_hx = (
+                sum(
+                    a * b
+                    for rh, rx in zip(hs, xh, strict=True)
+                    for a, b in zip(rh, rx, strict=True)
+                )
+                / m
+            )
+            for j, ch in enumerate(chans):
+                col = [rstd * (a - mean_h - b * mean_hx) for a, b in zip(hs[j], xh[j], strict=True)]
+                dx[i, ch] = torch.tensor(col, dtype=torch.float64).reshape(x[i, ch].shape)
+                dgamma[ch] += sum(a * b for a, b in zip(grads[j], xh[j], strict=True))
+                dbeta[ch] += sum(grads[j])
+    return dx, dgamma.to(x.dtype), dbeta.to(x.dtype)
+
+
 CORRECT = {
     "batchnorm_forward": [bn_forward_torch, bn_forward_numpy, bn_forward_loops, bn_forward_moments],
     "batchnorm_backward": [
@@ -440,6 +588,19 @@ CORRECT = {
     "rmsnorm_forward": [rms_torch, rms_numpy, rms_loops, rms_norm_builtin],
     "batchnorm_backward_staged": [staged_keepdim, staged_numpy],
     "small_cnn_loss": [cnn_other_style],
+    "groupnorm_forward": [
+        gn_forward_torch,
+        gn_forward_numpy,
+        gn_forward_loops,
+        gn_forward_via_layernorm,
+    ],
+    "groupnorm_backward": [
+        gn_backward_compact,
+        gn_backward_via_layernorm,
+        gn_backward_graph,
+        gn_backward_numpy,
+        gn_backward_loops,
+    ],
 }
 CORRECT_CASES = [(ex, fn) for ex, fns in CORRECT.items() for fn in fns]
 SLOWEST = {
@@ -450,6 +611,8 @@ SLOWEST = {
     "rmsnorm_forward": rms_loops,
     "batchnorm_backward_staged": staged_numpy,
     "small_cnn_loss": cnn_other_style,
+    "groupnorm_forward": gn_forward_loops,
+    "groupnorm_backward": gn_backward_loops,
 }
 
 
@@ -974,6 +1137,183 @@ CNN_MISTAKES = [
 ]
 
 
+# ---- GroupNorm -------------------------------------------------------------------------
+def _gn_forward_variant(*, sets="group", unbiased=False, eps_outside=False):
+    def fn(x, num_groups, gamma, beta, eps=1e-5):
+        xhat = ch06._gn_normalise(x, num_groups, eps, sets, unbiased=unbiased, outside=eps_outside)
+        return xhat * _pc_gn(gamma, x) + _pc_gn(beta, x)
+
+    return fn
+
+
+def gn_forward_affine_on_groups(x, num_groups, gamma, beta, eps=1e-5):
+    """gamma and beta broadcast over the grouped rows (N, G, M), as if they were per group."""
+    rows = x.reshape(x.shape[0], num_groups, -1)
+    xhat = (rows - rows.mean(-1, keepdim=True)) / torch.sqrt(
+        rows.var(-1, unbiased=False, keepdim=True) + eps
+    )
+    return (xhat * gamma.reshape(1, -1, 1) + beta.reshape(1, -1, 1)).reshape(x.shape)
+
+
+def gn_forward_affine_on_last_dim(x, num_groups, gamma, beta, eps=1e-5):
+    """gamma and beta applied to the grouped rows as LayerNorm applies them, along the last dim."""
+    rows = x.reshape(x.shape[0], num_groups, -1)
+    xhat = (rows - rows.mean(-1, keepdim=True)) / torch.sqrt(
+        rows.var(-1, unbiased=False, keepdim=True) + eps
+    )
+    return (xhat * gamma + beta).reshape(x.shape)
+
+
+def gn_forward_no_affine(x, num_groups, gamma, beta, eps=1e-5):
+    return ch06._gn_normalise(x, num_groups, eps)
+
+
+def gn_forward_swapped(x, num_groups, gamma, beta, eps=1e-5):
+    return gn_forward_torch(x, num_groups, beta, gamma, eps)
+
+
+def gn_forward_moments(x, num_groups, gamma, beta, eps=1e-5):
+    """Variance as E[x^2] - E[x]^2, summed and divided, in the input's dtype."""
+    rows = x.reshape(x.shape[0], num_groups, -1)
+    m = rows.shape[-1]
+    mean = rows.sum(-1, keepdim=True) / m
+    var = (rows**2).sum(-1, keepdim=True) / m - mean**2
+    xhat = ((rows - mean) / torch.sqrt(var + eps)).reshape(x.shape)
+    return xhat * _pc_gn(gamma, x) + _pc_gn(beta, x)
+
+
+def gn_forward_float64(x, num_groups, gamma, beta, eps=1e-5):
+    return gn_forward_torch(x.double(), num_groups, gamma.double(), beta.double(), eps)
+
+
+def gn_forward_in_place(x, num_groups, gamma, beta, eps=1e-5):
+    out = gn_forward_torch(x, num_groups, gamma, beta, eps)
+    x.zero_()
+    return out
+
+
+GN_FORWARD_MISTAKES = [
+    (_gn_forward_variant(sets="instance"), "which is InstanceNorm"),
+    (_gn_forward_variant(sets="layer"), r"over all channels of an example \(LayerNorm"),
+    (_gn_forward_variant(sets="batch"), r"per channel over the batch \(that is BatchNorm\)"),
+    (_gn_forward_variant(sets="group_and_batch"), "over the whole batch as well"),
+    (_gn_forward_variant(sets="interleaved"), "grouped by interleaving"),
+    (_gn_forward_variant(unbiased=True), r"the variance is the unbiased one"),
+    (_gn_forward_variant(eps_outside=True), "eps was added outside the square root"),
+    (gn_forward_affine_on_groups, r"raised RuntimeError.*gamma or beta met the grouped view"),
+    (gn_forward_affine_on_last_dim, r"raised RuntimeError.*gamma or beta met the grouped view"),
+    (gn_forward_no_affine, "gamma and beta were not applied"),
+    (gn_forward_swapped, "gamma and beta were swapped"),
+    (gn_forward_moments, r"offset 100000.*E\[x\*\*2\] - E\[x\]\*\*2"),
+    (gn_forward_float64, r"should have dtype float32 \(the dtype of the inputs\)"),
+    (gn_forward_in_place, "changed its input `x` in place"),
+]
+
+
+def _gn_backward_variant(**kw):
+    def fn(dout, x, num_groups, gamma, eps=1e-5):
+        return ch06._gn_backward(dout, x, num_groups, gamma, eps, **kw)
+
+    return fn
+
+
+def gn_backward_no_gamma(dout, x, num_groups, gamma, eps=1e-5):
+    dx, _, _ = gn_backward_compact(dout, x, num_groups, torch.ones_like(gamma), eps)
+    return (dx, *gn_backward_compact(dout, x, num_groups, gamma, eps)[1:])
+
+
+def _gn_params(dout, x, num_groups, gamma, eps):
+    xhat = gn_forward_torch(x, num_groups, torch.ones_like(gamma), torch.zeros_like(gamma), eps)
+    return gn_backward_compact(dout, x, num_groups, gamma, eps)[0], xhat
+
+
+def gn_backward_params_per_example(dout, x, num_groups, gamma, eps=1e-5):
+    """dgamma, dbeta summed over the spatial dims only: one per (example, channel)."""
+    dx, xhat = _gn_params(dout, x, num_groups, gamma, eps)
+    dims = tuple(range(2, x.dim()))
+    if not dims:
+        return dx, dout * xhat, dout * 1.0
+    return dx, (dout * xhat).sum(dims), dout.sum(dims)
+
+
+def gn_backward_params_over_n_only(dout, x, num_groups, gamma, eps=1e-5):
+    dx, xhat = _gn_params(dout, x, num_groups, gamma, eps)
+    return dx, (dout * xhat).sum(0), dout.sum(0)
+
+
+def gn_backward_params_per_group(dout, x, num_groups, gamma, eps=1e-5):
+    """dgamma, dbeta reduced per group, as if gamma and beta had one value per group."""
+    dx, xhat = _gn_params(dout, x, num_groups, gamma, eps)
+    rows_d = dout.reshape(x.shape[0], num_groups, -1)
+    rows_x = xhat.reshape(rows_d.shape)
+    return dx, (rows_d * rows_x).sum((0, 2)), rows_d.sum((0, 2))
+
+
+def gn_backward_dgamma_with_x(dout, x, num_groups, gamma, eps=1e-5):
+    dx, _, dbeta = gn_backward_compact(dout, x, num_groups, gamma, eps)
+    return dx, (dout * x).sum(_dims(x)), dbeta
+
+
+def gn_backward_means(dout, x, num_groups, gamma, eps=1e-5):
+    dx, dgamma, dbeta = gn_backward_compact(dout, x, num_groups, gamma, eps)
+    count = x.numel() // x.shape[1]
+    return dx, dgamma / count, dbeta / count
+
+
+def gn_backward_dbeta_mean(dout, x, num_groups, gamma, eps=1e-5):
+    dx, dgamma, dbeta = gn_backward_compact(dout, x, num_groups, gamma, eps)
+    return dx, dgamma, dbeta / (x.numel() // x.shape[1])
+
+
+def gn_backward_affine_on_groups(dout, x, num_groups, gamma, eps=1e-5):
+    """gamma broadcast over the grouped rows (N, G, M): a (C,) vector against G groups."""
+    rows = x.reshape(x.shape[0], num_groups, -1)
+    h = dout.reshape(rows.shape) * gamma.reshape(1, -1, 1)
+    return (h.reshape(x.shape), *gn_backward_compact(dout, x, num_groups, gamma, eps)[1:])
+
+
+def gn_backward_autograd(dout, x, num_groups, gamma, eps=1e-5):
+    with torch.enable_grad():
+        xr = x.detach().requires_grad_(True)
+        out = gn_forward_torch(xr, num_groups, gamma, torch.zeros_like(gamma), eps)
+        (dx,) = torch.autograd.grad(out, xr, dout)
+    return (dx, *gn_backward_compact(dout, x, num_groups, gamma, eps)[1:])
+
+
+GN_BACKWARD_MISTAKES = [
+    (
+        _gn_backward_variant(mean_term=False, var_term=False),
+        "each group's mean and variance depend on x too",
+    ),
+    (_gn_backward_variant(mean_term=False), "dx misses the term from the group mean"),
+    (_gn_backward_variant(var_term=False), "dx misses the term from the group variance"),
+    (_gn_backward_variant(gamma_outside=True), "gamma was taken out of the group's sums"),
+    (gn_backward_no_gamma, "dx was not multiplied by gamma"),
+    (_gn_backward_variant(unbiased=True), "the backward used the unbiased variance"),
+    (_gn_backward_variant(sets="instance"), r"which is InstanceNorm.*\(in the backward pass\)"),
+    (_gn_backward_variant(sets="layer"), r"LayerNorm over \(C, \.\.\.\).*\(in the backward pass\)"),
+    (_gn_backward_variant(sets="batch"), r"that is BatchNorm.*\(in the backward pass\)"),
+    (
+        _gn_backward_variant(sets="interleaved"),
+        r"grouped by interleaving.*\(in the backward pass\)",
+    ),
+    (
+        gn_backward_params_per_example,
+        r"`dgamma` has shape \(4, 8\); it was not summed over the batch dim N",
+    ),
+    (
+        gn_backward_params_over_n_only,
+        r"`dgamma` has shape \(6, 5\); it was summed over N but not over the spatial",
+    ),
+    (gn_backward_params_per_group, r"`dgamma` has shape \(2,\); it has one value per group"),
+    (gn_backward_dgamma_with_x, r"dgamma sums dout \* x"),
+    (gn_backward_means, "dgamma is a mean over N and the spatial dims"),
+    (gn_backward_dbeta_mean, "dbeta is a mean over N and the spatial dims"),
+    (gn_backward_affine_on_groups, r"raised RuntimeError.*gamma or beta met the grouped view"),
+    (gn_backward_autograd, "derive the gradient by hand"),
+]
+
+
 MISTAKES = (
     [("batchnorm_forward", f, m) for f, m in BN_FORWARD_MISTAKES]
     + [("batchnorm_backward", f, m) for f, m in BN_BACKWARD_MISTAKES]
@@ -982,6 +1322,8 @@ MISTAKES = (
     + [("rmsnorm_forward", f, m) for f, m in RMS_MISTAKES]
     + [("batchnorm_backward_staged", f, m) for f, m in STAGED_MISTAKES]
     + [("small_cnn_loss", f, m) for f, m in CNN_MISTAKES]
+    + [("groupnorm_forward", f, m) for f, m in GN_FORWARD_MISTAKES]
+    + [("groupnorm_backward", f, m) for f, m in GN_BACKWARD_MISTAKES]
 )
 
 
@@ -1002,6 +1344,92 @@ def test_per_pixel_statistics_are_not_blamed_on_keepdim():
     with pytest.raises(cu.CheckFailure) as info:
         cu.check("batchnorm_forward", bn_forward_per_pixel, strict=True)
     assert "keepdim" not in str(info.value)
+
+
+def gn_forward_layer_norm_on_rows(x, num_groups, gamma, beta, eps=1e-5):
+    rows = x.reshape(x.shape[0], num_groups, -1)
+    xhat = F.layer_norm(rows, rows.shape[-1:], eps=eps).reshape(x.shape)
+    return xhat * _pc_gn(gamma, x) + _pc_gn(beta, x)
+
+
+def gn_forward_instance_norm_on_groups(x, num_groups, gamma, beta, eps=1e-5):
+    rows = x.reshape(x.shape[0], num_groups, -1)
+    xhat = F.instance_norm(rows, eps=eps).reshape(x.shape)
+    return xhat * _pc_gn(gamma, x) + _pc_gn(beta, x)
+
+
+def gn_forward_batch_norm_on_groups(x, num_groups, gamma, beta, eps=1e-5):
+    rows = x.reshape(1, x.shape[0] * num_groups, -1)
+    xhat = F.batch_norm(rows, None, None, training=True, eps=eps).reshape(x.shape)
+    return xhat * _pc_gn(gamma, x) + _pc_gn(beta, x)
+
+
+def gn_forward_rms_norm_of_centred(x, num_groups, gamma, beta, eps=1e-5):
+    rows = x.reshape(x.shape[0], num_groups, -1)
+    centred = rows - rows.mean(-1, keepdim=True)
+    xhat = F.rms_norm(centred, rows.shape[-1:], eps=eps).reshape(x.shape)
+    return xhat * _pc_gn(gamma, x) + _pc_gn(beta, x)
+
+
+def gn_backward_aten_kernel(dout, x, num_groups, gamma, eps=1e-5):
+    n, c = x.shape[:2]
+    hw = x.numel() // (n * c)
+    _, mean, rstd = torch.ops.aten.native_group_norm(x, gamma, None, n, c, hw, num_groups, eps)
+    return torch.ops.aten.native_group_norm_backward(
+        dout, x, mean, rstd, gamma, n, c, hw, num_groups, [True] * 3
+    )
+
+
+@pytest.mark.parametrize(
+    ("exercise_id", "fn", "call"),
+    [
+        (
+            "groupnorm_forward",
+            lambda x, g, w, b, eps=1e-5: F.group_norm(x, g, w, b, eps),
+            "F.group_norm",
+        ),
+        ("groupnorm_forward", gn_forward_layer_norm_on_rows, "F.layer_norm"),
+        ("groupnorm_forward", gn_forward_instance_norm_on_groups, "F.instance_norm"),
+        ("groupnorm_forward", gn_forward_batch_norm_on_groups, "F.batch_norm"),
+        ("groupnorm_forward", gn_forward_rms_norm_of_centred, "F.rms_norm"),
+        ("groupnorm_backward", gn_backward_aten_kernel, "torch.ops.aten.native_group_norm"),
+    ],
+    ids=["group_norm", "layer_norm", "instance_norm", "batch_norm", "rms_norm", "aten"],
+)
+def test_groupnorm_may_not_call_a_norm_of_pytorch(exercise_id, fn, call):
+    with pytest.raises(cu.CheckFailure, match=re.escape(f"called {call},")):
+        cu.check(exercise_id, fn, strict=True)
+
+
+def test_groupnorm_references_agree_with_autograd_through_f_group_norm():
+    torch.manual_seed(0)
+    for shape, groups in [((4, 6), 3), ((2, 6, 5), 2), ((2, 4, 3, 3), 1), ((3, 4, 2, 2), 4)]:
+        x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(shape[1], dtype=torch.float64, requires_grad=True)
+        b = torch.randn(shape[1], dtype=torch.float64, requires_grad=True)
+        d = torch.randn(*shape, dtype=torch.float64)
+        out = F.group_norm(x, groups, w, b)
+        torch.testing.assert_close(
+            ch06.ref_groupnorm_forward(x.detach(), groups, w.detach(), b.detach()), out.detach()
+        )
+        auto = torch.autograd.grad(out, (x, w, b), d)
+        for mine in (
+            ch06.ref_groupnorm_backward(d, x.detach(), groups, w.detach()),
+            ch06._torch_groupnorm_backward(d, x.detach(), groups, w.detach(), 1e-5),
+        ):
+            for a, want in zip(mine, auto, strict=True):
+                torch.testing.assert_close(a, want)
+
+
+def test_groupnorm_planted_mistakes_differ_from_the_answer_where_they_are_offered():
+    """A mistake the battery offers for a case must differ there from the right answer (else it names nothing)."""
+    t = cu.checking.Tester(cu.checking.get_exercise("groupnorm_forward"), None, 0)
+    for shape, groups, _dtype, eps, _ in ch06._GN_SETTINGS:
+        x, gamma, beta = ch06._gn_inputs(t, shape, torch.float64)
+        eps = 1e-5 if eps is None else eps
+        want = F.group_norm(x, groups, gamma, beta, eps)
+        for sentence, alt in ch06._gn_out_mistakes(x, groups, gamma, beta, eps)[:-1]:
+            assert not torch.allclose(alt(), want, rtol=1e-6, atol=1e-8), (shape, groups, sentence)
 
 
 # =====================================================================================
@@ -1030,6 +1458,17 @@ def test_exercises_of_chapter_06_are_registered_with_their_contract():
     assert listed["small_cnn_loss"].signature == (
         "(params, X, y, train=True, dropout_p=0.0, bn_state=None) -> (loss, grads)"
     )
+    assert listed["groupnorm_forward"].signature == (
+        "(x (N,C,*), num_groups, gamma (C,), beta (C,), eps=1e-5) -> out"
+    )
+    assert listed["groupnorm_backward"].signature == (
+        "(dout, x (N,C,*), num_groups, gamma (C,), eps=1e-5) -> (dx, dgamma, dbeta)"
+    )
+    assert listed["groupnorm_backward"].backward and not listed["groupnorm_forward"].backward
+    for ex in ("groupnorm_forward", "groupnorm_backward"):
+        assert {"group_norm", "layer_norm", "instance_norm", "batch_norm"} <= set(
+            listed[ex].forbidden
+        )
     assert listed["batchnorm_backward_staged"].backward and listed["small_cnn_loss"].backward
     assert listed["batchnorm_backward"].backward and listed["layernorm_backward"].backward
     assert not listed["batchnorm_forward"].backward

@@ -3,6 +3,7 @@ RMSNorm, GroupNorm, and a small CNN from the learner's own layers."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import torch
@@ -1110,6 +1111,456 @@ def check_rmsnorm_forward(t: Tester) -> None:
         else:
             want = ref_rmsnorm_forward(x.double(), w.double(), eps).to(dtype)
         t.compare(case, "out", out, want, mistakes=_rms_mistakes(x, w, eps))
+
+
+# ---- GroupNorm ---------------------------------------------------------------------------
+#: What GroupNorm rebuilds, and every operator a learner could reshape x for and call instead:
+#: layer_norm over (N, G, M), instance_norm or batch_norm over (1, N*G, M), rms_norm of x - mean.
+GROUP_NORM_OPS = (
+    "group_norm",
+    "native_group_norm",
+    "batch_norm",
+    "native_batch_norm",
+    "instance_norm",
+    "layer_norm",
+    "native_layer_norm",
+    "rms_norm",
+)
+
+
+def ref_groupnorm_forward(
+    x: Tensor, num_groups: int, gamma: Tensor, beta: Tensor, eps: float = 1e-5
+) -> Tensor:
+    """GroupNorm as F.group_norm: x (N, C, *), statistics per (example, group of C/G channels)."""
+    rows = x.reshape(x.shape[0], num_groups, -1)  # (N, G, C/G * spatial): a group is a row
+    mean = rows.mean(-1, keepdim=True)
+    var = rows.var(-1, unbiased=False, keepdim=True)
+    xhat = ((rows - mean) / torch.sqrt(var + eps)).reshape(x.shape)
+    return xhat * _per_channel(gamma, x) + _per_channel(beta, x)
+
+
+def ref_groupnorm_backward(
+    dout: Tensor, x: Tensor, num_groups: int, gamma: Tensor, eps: float = 1e-5
+) -> tuple[Tensor, Tensor, Tensor]:
+    """GroupNorm backward: LayerNorm's backward within each (example, group). Returns (dx, dgamma, dbeta)."""
+    return _gn_backward(dout, x, num_groups, gamma, eps)
+
+
+#: The sets that share one mean and variance, GroupNorm's and the mistaken ones the batteries name.
+GN_SETS = ("group", "instance", "layer", "batch", "group_and_batch", "interleaved")
+
+
+def _gn_rows(x: Tensor, groups: int, sets: str) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """x (N, C, *) as rows that each share one mean and variance, and the map back to x's shape."""
+    n, c = x.shape[:2]
+    s = x.numel() // (n * c)  # spatial positions per channel (1 for (N, C) input)
+    if sets == "group":
+        return x.reshape(n * groups, -1), lambda r: r.reshape(x.shape)
+    if sets == "instance":
+        return x.reshape(n * c, s), lambda r: r.reshape(x.shape)
+    if sets == "layer":
+        return x.reshape(n, -1), lambda r: r.reshape(x.shape)
+    if sets == "interleaved":  # view(N, C/G, G, S): channel c lands in group c mod G
+        k = c // groups
+
+        def back(r: Tensor) -> Tensor:
+            return r.reshape(n, groups, k, s).transpose(1, 2).reshape(x.shape)
+
+        return x.reshape(n, k, groups, s).transpose(1, 2).reshape(n * groups, -1), back
+    per = c if sets == "batch" else groups  # over the batch: per channel, or per group
+
+    def back_batch(r: Tensor) -> Tensor:
+        return r.reshape(per, n, -1).transpose(0, 1).reshape(x.shape)
+
+    return x.reshape(n, per, -1).transpose(0, 1).reshape(per, -1), back_batch
+
+
+def _gn_normalise(
+    x: Tensor,
+    groups: int,
+    eps: float,
+    sets: str = "group",
+    *,
+    unbiased: bool = False,
+    outside: bool = False,
+) -> Tensor:
+    rows, back = _gn_rows(x, groups, sets)
+    mean = rows.mean(-1, keepdim=True)
+    var = rows.var(-1, unbiased=unbiased, keepdim=True)
+    den = torch.sqrt(var) + eps if outside else torch.sqrt(var + eps)
+    return back((rows - mean) / den)
+
+
+def _gn_backward(
+    dout: Tensor,
+    x: Tensor,
+    groups: int,
+    gamma: Tensor,
+    eps: float,
+    *,
+    sets: str = "group",
+    unbiased: bool = False,
+    mean_term: bool = True,
+    var_term: bool = True,
+    gamma_outside: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    # The keyword options build the mistaken versions the battery names; gamma_outside takes gamma
+    # out of the group sums, as BatchNorm may (there gamma is constant over the set; here it is not).
+    g = _per_channel(gamma, x)
+    rows, back = _gn_rows(x, groups, sets)
+    h = _gn_rows(dout if gamma_outside else dout * g, groups, sets)[0]  # gradient reaching xhat
+    mean = rows.mean(-1, keepdim=True)
+    rstd = 1 / torch.sqrt(rows.var(-1, unbiased=unbiased, keepdim=True) + eps)
+    xhat = (rows - mean) * rstd
+    dx = h * 1.0
+    if mean_term:
+        dx = dx - h.mean(-1, keepdim=True)
+    if var_term:
+        dx = dx - xhat * (h * xhat).mean(-1, keepdim=True)
+    dx = back(rstd * dx)
+    if gamma_outside:
+        dx = dx * g
+    dims = _stat_dims(x)
+    return dx, (dout * back(xhat)).sum(dims), dout.sum(dims)
+
+
+def _gn_inputs(
+    t: Tester, shape: tuple[int, ...], dtype: torch.dtype, offset: float = 0.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """x whose channels and examples differ in mean and spread (so every wrong set shows), gamma, beta."""
+    c = shape[1]
+    per_c = (1, c) + (1,) * (len(shape) - 2)
+    per_n = (shape[0],) + (1,) * (len(shape) - 1)
+    spread = (0.5 + 1.5 * t.rand(c)).reshape(per_c)
+    x = t.randn(*shape) * spread + 2.0 * t.randn(c).reshape(per_c) + t.randn(*per_n) + offset
+    gamma = (1.0 + 0.5 * t.randn(c)).to(dtype)
+    beta = (0.5 * t.randn(c)).to(dtype)
+    return x.to(dtype), gamma, beta
+
+
+#: (shape, num_groups, dtype, eps or None for the default, how the settings are passed)
+_GN_SETTINGS = [
+    ((4, 8), 2, torch.float64, None, "defaults"),
+    ((2, 6, 5), 2, torch.float64, 1e-3, "positional"),
+    ((2, 6, 3, 4), 3, torch.float64, 1e-5, "keywords"),
+    ((3, 4, 2, 3), 1, torch.float64, 0.5, "positional"),
+    ((2, 4, 3, 3), 4, torch.float64, 1e-5, "positional"),
+    ((1, 8, 2, 2), 4, torch.float64, 1e-2, "keywords"),
+    ((3, 6, 1, 1), 2, torch.float64, 1e-5, "positional"),
+    ((4, 8, 4, 4), 2, torch.float32, 1e-5, "positional"),
+    ((3, 6, 7), 3, torch.float32, 1e-4, "keywords"),
+]
+#: Large common offsets, on shapes judged above without one: (shape, num_groups, dtype, offset).
+_GN_OFFSET_SETTINGS = [
+    ((2, 6, 3, 4), 3, torch.float64, 1e5),
+    ((4, 8, 4, 4), 2, torch.float32, 1e3),
+]
+#: float32 with a large offset: the input itself is only known to ~offset * 6e-8.
+_GN_OFFSET_TOL32 = (2e-3, 2e-4)
+GN_OFFSET_HINT = (
+    "This case repeats an earlier shape with a large common offset added to x, and the earlier one "
+    "passed: the variance lost its precision. E[x**2] - E[x]**2 subtracts two huge, nearly equal "
+    "numbers; take the variance as the mean of (x - mean)**2 instead."
+)
+
+
+def _gn_label(shape: tuple[int, ...], groups: int, dtype: torch.dtype, eps: float | None) -> str:
+    label = "eps=1e-05 (default)" if eps is None else f"eps={eps}"
+    return f"x {shape} {str(dtype)[6:]}, num_groups={groups}, {label}"
+
+
+GN_PER_GROUP_AFFINE = (
+    "It looks like gamma or beta met the grouped view of x: they hold one value per CHANNEL, "
+    "shape (C,), so they line up with neither the G groups nor a group's C/G*spatial values. "
+    "Reshape the normalised values back to x's shape (N, C, ...) first, then apply gamma and "
+    "beta as (1, C, 1, ...)."
+)
+_SIZES = re.compile(r"size of tensor a \((\d+)\) must match the size of tensor b \((\d+)\)")
+
+
+def _gn_call(
+    t: Tester, case: str, style: str, args: tuple, x: Tensor, groups: int, eps: float
+) -> object:
+    """Call the learner's function on ``args`` with eps left out, positional or as a keyword; a
+    broadcasting error between C and a grouped size is named as gamma or beta applied per group."""
+    try:
+        if style == "defaults":
+            return t.call(case, *args)
+        if style == "keywords":
+            return t.call(case, *args, eps=eps)
+        return t.call(case, *args, eps)
+    except CheckFailure as failure:
+        text, sizes = str(failure), _SIZES.search(str(failure))
+        n, c = x.shape[:2]
+        grouped = {groups, c // groups, x.numel() // (n * groups)}
+        if sizes:
+            a, b = int(sizes.group(1)), int(sizes.group(2))
+            if (a == c and b in grouped) or (b == c and a in grouped):
+                text = text.replace(f" {_KEEPDIM_HINT}", "")
+                raise CheckFailure(f"{text} {GN_PER_GROUP_AFFINE}") from None
+        raise
+
+
+_GN_SET_SENTENCES = {
+    "instance": (
+        "the statistics were taken per channel (over one channel's positions only, which is "
+        "InstanceNorm, GroupNorm with num_groups = C); GroupNorm takes them over the C/num_groups "
+        "channels of a group together, with all their positions"
+    ),
+    "layer": (
+        "the statistics were taken over all channels of an example (LayerNorm over (C, ...), "
+        "GroupNorm with num_groups = 1); GroupNorm takes one mean and variance per group of "
+        "C/num_groups channels"
+    ),
+    "batch": (
+        "the statistics were taken per channel over the batch (that is BatchNorm); GroupNorm never "
+        "mixes examples: one mean and variance per (example, group)"
+    ),
+    "group_and_batch": (
+        "each group's statistics were taken over the whole batch as well; GroupNorm takes them per "
+        "example: one mean and variance per (example, group), over C/num_groups channels and their "
+        "positions"
+    ),
+    "interleaved": (
+        "the channels were grouped by interleaving: a view (N, C/G, G, ...) puts channel c in group "
+        "c mod G. GroupNorm's groups are contiguous blocks: group g holds channels g*C/G to "
+        "(g+1)*C/G - 1, which is the view (N, G, C/G, ...) or (N, G, -1)"
+    ),
+}
+
+
+def _gn_wrong_sets(x: Tensor, groups: int) -> list[str]:
+    """The mistaken sets that differ from GroupNorm's on this input."""
+    n, c = x.shape[:2]
+    out = []
+    if groups != c:
+        out.append("instance")
+    if groups != 1:
+        out.append("layer")
+    if n > 1:
+        out += ["batch", "group_and_batch"]
+    if 1 < groups < c:
+        out.append("interleaved")
+    return out
+
+
+def _gn_out_mistakes(x: Tensor, groups: int, gamma: Tensor, beta: Tensor, eps: float) -> list:
+    xd, g, b = x.double(), _per_channel(gamma.double(), x), _per_channel(beta.double(), x)
+
+    def out(sets: str = "group", **kw: bool) -> Tensor:
+        return g * _gn_normalise(xd, groups, eps, sets, **kw) + b
+
+    def moments() -> Tensor:  # in x's own dtype, where the cancellation happens
+        rows = x.reshape(x.shape[0] * groups, -1)
+        mean = rows.mean(-1, keepdim=True)
+        var = (rows * rows).mean(-1, keepdim=True) - mean * mean
+        xhat = ((rows - mean) / torch.sqrt(var + eps)).reshape(x.shape)
+        return (xhat.double() * g + b).to(x.dtype)
+
+    mistakes = [(f"{_GN_SET_SENTENCES[s]}.", lambda s=s: out(s)) for s in _gn_wrong_sets(x, groups)]
+    mistakes += [
+        (
+            "the variance is the unbiased one (divided by M - 1); GroupNorm divides by M, the "
+            "number of values in the group (C/num_groups times the spatial size).",
+            lambda: out(unbiased=True),
+        ),
+        (
+            "eps was added outside the square root: the denominator is sqrt(var + eps).",
+            lambda: out(outside=True),
+        ),
+        ("gamma and beta were not applied.", lambda: _gn_normalise(xd, groups, eps)),
+        (
+            "gamma and beta were swapped: out = xhat * gamma + beta.",
+            lambda: _gn_normalise(xd, groups, eps) * b + g,
+        ),
+        (
+            "the variance was computed as E[x**2] - E[x]**2, which loses its precision when the "
+            "mean is large compared with the spread; take the mean of (x - mean)**2.",
+            moments,
+        ),
+    ]
+    return mistakes
+
+
+@exercise(
+    "groupnorm_forward",
+    forbidden=GROUP_NORM_OPS,
+    chapter=CHAPTER,
+    signature="(x (N,C,*), num_groups, gamma (C,), beta (C,), eps=1e-5) -> out",
+    summary="GroupNorm: statistics per (example, group of C/num_groups channels), gamma and beta per channel",
+    reference=ref_groupnorm_forward,
+)
+def check_groupnorm_forward(t: Tester) -> None:
+    """(N,C), (N,C,L), (N,C,H,W); num_groups 1, C and between; float32/64; large offsets; against F.group_norm."""
+    seen = set()
+    settings = [(*s, 0.0) for s in _GN_SETTINGS] + [
+        (shape, groups, dtype, 1e-5, "positional", offset)
+        for shape, groups, dtype, offset in _GN_OFFSET_SETTINGS
+    ]
+    for shape, groups, dtype, eps, style, offset in settings:
+        x, gamma, beta = _gn_inputs(t, shape, dtype, offset)
+        case = _gn_label(shape, groups, dtype, eps) + (f", offset {offset:g}" if offset else "")
+        eps_ = 1e-5 if eps is None else eps
+        out = _gn_call(t, case, style, (x, groups, gamma, beta), x, groups, eps_)
+        want = F.group_norm(x.double(), groups, gamma.double(), beta.double(), eps_).to(dtype)
+        rtol, atol = _GN_OFFSET_TOL32 if offset and dtype == torch.float32 else (None, None)
+        mistakes = _gn_out_mistakes(x, groups, gamma, beta, eps_)
+        try:
+            t.compare(case, "out", out, want, rtol=rtol, atol=atol, mistakes=mistakes)
+        except CheckFailure as failure:
+            if offset and (shape, dtype) in seen and "It looks like" not in str(failure):
+                raise CheckFailure(f"{failure} {GN_OFFSET_HINT}") from None
+            raise
+        seen.add((shape, dtype))
+
+
+def _torch_groupnorm_backward(
+    dout: Tensor, x: Tensor, groups: int, gamma: Tensor, eps: float
+) -> list[Tensor]:
+    """PyTorch's own GroupNorm backward kernel (the one F.group_norm's autograd calls), float64."""
+    d, xd, g = dout.double(), x.double(), gamma.double()
+    n, c = x.shape[:2]
+    hw = x.numel() // (n * c)
+    _, mean, rstd = torch.ops.aten.native_group_norm(xd, g, None, n, c, hw, groups, eps)
+    grads = torch.ops.aten.native_group_norm_backward(
+        d, xd, mean, rstd, g, n, c, hw, groups, [True] * 3
+    )
+    return [v.to(x.dtype) for v in grads]
+
+
+def _gn_dx_mistakes(dout: Tensor, x: Tensor, groups: int, gamma: Tensor, eps: float) -> list:
+    d, xd, g = dout.double(), x.double(), gamma.double()
+
+    def dx(**kw: object) -> Tensor:
+        return _gn_backward(d, xd, groups, g, eps, **kw)[0]
+
+    mistakes = [
+        (
+            "dx = dout * gamma / sqrt(var + eps) only: each group's mean and variance depend on x too.",
+            lambda: dx(mean_term=False, var_term=False),
+        ),
+        (
+            "dx misses the term from the group mean (-mean of dout * gamma over the group, times "
+            "1/sqrt(var + eps)).",
+            lambda: dx(mean_term=False),
+        ),
+        (
+            "dx misses the term from the group variance (-xhat * mean of dout * gamma * xhat over "
+            "the group, times 1/sqrt(var + eps)).",
+            lambda: dx(var_term=False),
+        ),
+        (
+            "gamma was taken out of the group's sums, as BatchNorm's backward may do; within a group "
+            "gamma changes from channel to channel, so the means run over dout * gamma (the gradient "
+            "reaching xhat), as in LayerNorm's backward.",
+            lambda: dx(gamma_outside=True),
+        ),
+        ("dx was not multiplied by gamma.", lambda: dx(gamma_outside=True) / _per_channel(g, xd)),
+        (
+            "the backward used the unbiased variance; GroupNorm normalises with the biased one "
+            "(divide by M, the number of values in a group).",
+            lambda: dx(unbiased=True),
+        ),
+    ]
+    mistakes += [
+        (f"{_GN_SET_SENTENCES[s]} (in the backward pass).", lambda s=s: dx(sets=s))
+        for s in _gn_wrong_sets(x, groups)
+    ]
+    return mistakes
+
+
+def _gn_param_mistakes(dout: Tensor, x: Tensor, groups: int, eps: float, which: str) -> list:
+    d, xd = dout.double(), x.double()
+    dims = _stat_dims(x)
+    count = x.numel() // x.shape[1]
+    if which == "dbeta":
+        return [
+            ("dbeta is a mean over N and the spatial dims; it is their sum.", lambda: d.mean(dims))
+        ]
+    xhat = _gn_normalise(xd, groups, eps)
+    mistakes = [
+        (
+            "dgamma sums dout * x; gamma multiplies the NORMALISED input, so dgamma = sum(dout * xhat).",
+            lambda: (d * xd).sum(dims),
+        ),
+        (
+            "dgamma is a mean over N and the spatial dims; it is their sum.",
+            lambda: (d * xhat).sum(dims) / count,
+        ),
+    ]
+    mistakes += [
+        (
+            f"the xhat in dgamma is wrong: {_GN_SET_SENTENCES[s]}.",
+            lambda s=s: (d * _gn_normalise(xd, groups, eps, s)).sum(dims),
+        )
+        for s in _gn_wrong_sets(x, groups)
+    ]
+    return mistakes
+
+
+def _gn_param_shape(t: Tester, case: str, name: str, got: object, x: Tensor, groups: int) -> None:
+    """Name the sums left out when `dgamma` or `dbeta` comes back with another shape than (C,)."""
+    n, c = x.shape[:2]
+    if not torch.is_tensor(got) or tuple(got.shape) == (c,):
+        return
+    shape = tuple(got.shape)
+    squeezed = tuple(s for s in shape if s != 1)
+    why = ""
+    if squeezed in {(n, c), (n, c, *x.shape[2:])} and n > 1:
+        why = "it was not summed over the batch dim N"
+    elif x.dim() > 2 and squeezed == tuple(s for s in x.shape[1:] if s != 1):
+        why = "it was summed over N but not over the spatial dims"
+    elif squeezed in {(groups,), (n, groups)} and groups != c:
+        why = "it has one value per group, but gamma and beta are per channel"
+    elif got.numel() == c:
+        why = "it holds the right values in the wrong shape (no kept dims)"
+    if why:
+        t.fail(
+            case,
+            f"`{name}` has shape {shape}; {why}. gamma and beta are shared by every example and "
+            f"position of a channel, so `{name}` is summed over N and the spatial dims: shape ({c},).",
+        )
+
+
+@exercise(
+    "groupnorm_backward",
+    forbidden=GROUP_NORM_OPS,
+    chapter=CHAPTER,
+    signature="(dout, x (N,C,*), num_groups, gamma (C,), eps=1e-5) -> (dx, dgamma, dbeta)",
+    summary="GroupNorm backward: LayerNorm's backward within each (example, group); dgamma, dbeta per channel",
+    reference=ref_groupnorm_backward,
+    backward=True,
+)
+def check_groupnorm_backward(t: Tester) -> None:
+    """Against autograd's kernel for F.group_norm and against central differences of the forward."""
+    for shape, groups, dtype, eps, style in _GN_SETTINGS:
+        x, gamma, _ = _gn_inputs(t, shape, dtype)
+        dout = t.randn(*shape).to(dtype)
+        case = _gn_label(shape, groups, dtype, eps)
+        eps_ = 1e-5 if eps is None else eps
+        out = _gn_call(t, case, style, (dout, x, groups, gamma), x, groups, eps_)
+        dx, dgamma, dbeta = t.unpack(case, out, ("dx", "dgamma", "dbeta"))
+        want = _torch_groupnorm_backward(dout, x, groups, gamma, eps_)
+        _gn_param_shape(t, case, "dgamma", dgamma, x, groups)
+        _gn_param_shape(t, case, "dbeta", dbeta, x, groups)
+        t.compare(case, "dx", dx, want[0], mistakes=_gn_dx_mistakes(dout, x, groups, gamma, eps_))
+        for k, name in ((1, "dgamma"), (2, "dbeta")):
+            mistakes = _gn_param_mistakes(dout, x, groups, eps_, name)
+            t.compare(case, name, (dgamma, dbeta)[k - 1], want[k], mistakes=mistakes)
+    # Central differences of the forward pass, on a small float64 case.
+    case = "x (2, 4, 3) float64, num_groups=2, eps=1e-5, against central differences of the forward"
+    x, gamma, beta = _gn_inputs(t, (2, 4, 3), torch.float64)
+    dout = t.randn(2, 4, 3)
+    numeric = numerical_gradient(
+        lambda a, g, b: ref_groupnorm_forward(a, 2, g, b, 1e-5), [x, gamma, beta], dout
+    )
+    dx, dgamma, dbeta = t.unpack(
+        case, t.call(case, dout, x, 2, gamma, 1e-5), ("dx", "dgamma", "dbeta")
+    )
+    for name, got, want in zip(
+        ("dx", "dgamma", "dbeta"), (dx, dgamma, dbeta), numeric, strict=True
+    ):
+        t.compare(case, name, got, want, rtol=1e-5, atol=1e-8)
 
 
 # ---- A small CNN from the learner's own layers -------------------------------------------
