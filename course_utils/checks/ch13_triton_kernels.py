@@ -53,7 +53,13 @@ def triton_skip_reason() -> str:
 
 
 def kernels() -> ModuleType:
-    """The course's ``@triton.jit`` kernels (``course_utils.checks._ch13_kernels``), imported now."""
+    """The course's ``@triton.jit`` kernels (``course_utils.checks._ch13_kernels``), imported now.
+
+    Without a CUDA device Triton can only interpret, so ``TRITON_INTERPRET=1`` is set first
+    (Triton reads it when a kernel is decorated); with one, the environment is left alone.
+    """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     from . import _ch13_kernels
 
     return _ch13_kernels
