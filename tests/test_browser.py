@@ -43,15 +43,19 @@ SNAPSHOT_JS = """() => {
   const nb = window.jupyterapp.shell.currentWidget;
   const outs = [...nb.node.querySelectorAll('.jp-OutputArea-output')];
   const text = (e) => e.textContent || '';
-  const widgetOuts = outs.filter(e => e.getAttribute('data-mime-type') ===
-      'application/vnd.jupyter.widget-view+json');
+  const modelWidgets = nb.content.widgets.filter(c => c.model.type === 'code')
+      .map(c => c.model.outputs.toJSON().filter(o => o.data &&
+          o.data['application/vnd.jupyter.widget-view+json']).length)
+      .reduce((a, b) => a + b, 0);
+  const rendered = outs.filter(e => !e.parentElement.closest('.widget-output') &&
+      e.querySelector(':scope > .jupyter-widgets'));
   const checks = nb.content.widgets.filter(c => c.model.type === 'code' &&
       c.model.sharedModel.getSource().includes('cu.check('));
   return {
     errors: outs.filter(e => e.getAttribute('data-mime-type') ===
         'application/vnd.jupyter.stderr' || text(e).includes('Traceback')).map(text),
-    widgetOutputs: widgetOuts.length,
-    widgetsRendered: widgetOuts.filter(e => e.querySelector('.jupyter-widgets')).length,
+    widgetOutputs: modelWidgets,
+    widgetsRendered: rendered.length,
     widgetAsText: outs.filter(e => text(e).includes('Error displaying widget') ||
         text(e).startsWith('interactive(')).length,
     checkCells: checks.length,
@@ -65,6 +69,16 @@ RAN_JS = """() => {
   const kernel = nb.sessionContext.session && nb.sessionContext.session.kernel;
   const cells = nb.content.widgets.filter(c => c.model.type === 'code');
   return kernel && kernel.status === 'idle' && cells.every(c => c.model.executionCount !== null);
+}"""
+
+
+#: Where a notebook that did not finish stands: kernel status and cells not run yet.
+STATE_JS = """() => {
+  const nb = window.jupyterapp.shell.currentWidget;
+  const k = nb.sessionContext.session && nb.sessionContext.session.kernel;
+  const cells = nb.content.widgets.filter(c => c.model.type === 'code');
+  return {kernel: k ? k.status : 'none', notRun: cells.map((c, i) => [i, c.model.executionCount])
+      .filter(([i, n]) => n === null).map(([i]) => i).slice(0, 5), cells: cells.length};
 }"""
 
 
@@ -125,7 +139,10 @@ def _run_notebook(lab: str, name: str, screenshot: Path | None = None) -> dict:
         )
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(f"{base}/lab/tree/{name}?token={token}")
+            # a workspace of its own, reset: JupyterLab would otherwise reopen the tabs of the
+            # previous test and the notebook under test might not be the current one
+            workspace = f"w{secrets.token_hex(4)}"
+            page.goto(f"{base}/lab/workspaces/{workspace}/tree/{name}?token={token}&reset")
             page.wait_for_function(
                 "() => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
                 " const k = w && w.sessionContext && w.sessionContext.session &&"
@@ -134,7 +151,11 @@ def _run_notebook(lab: str, name: str, screenshot: Path | None = None) -> dict:
             )
             page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
             page.wait_for_timeout(500)
-            page.wait_for_function(RAN_JS, timeout=240_000)
+            try:
+                page.wait_for_function(RAN_JS, timeout=240_000)
+            except playwright.Error:
+                state = page.evaluate(STATE_JS)
+                pytest.fail(f"{name} did not finish running in the browser: {state}")
             page.wait_for_timeout(1500)  # widget views render after the kernel goes idle
             if screenshot is not None:
                 screenshot.parent.mkdir(parents=True, exist_ok=True)
