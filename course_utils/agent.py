@@ -72,6 +72,31 @@ def describe_name(obj: Any) -> dict[str, Any]:
     }
 
 
+def export_bytes(obj: Any) -> bytes:
+    """``obj`` (a learner's class) pickled by value, so that a fresh process can rebuild it.
+
+    A method decorated with ``torch.autograd.function.once_differentiable`` is sent as "that
+    decorator applied to the learner's function": its wrapper refers to a torch internal that
+    cloudpickle would otherwise copy, and that cannot be rebuilt elsewhere.
+    """
+    import io
+
+    import cloudpickle
+    import torch.autograd.function as autograd_function
+
+    wrapper_code = autograd_function.once_differentiable(lambda ctx: None).__code__
+
+    class _Pickler(cloudpickle.Pickler):
+        def reducer_override(self, obj: Any) -> Any:
+            if getattr(obj, "__code__", None) is wrapper_code and hasattr(obj, "__wrapped__"):
+                return autograd_function.once_differentiable, (obj.__wrapped__,)
+            return super().reducer_override(obj)
+
+    buffer = io.BytesIO()
+    _Pickler(buffer).dump(obj)
+    return buffer.getvalue()
+
+
 def serve(namespace: dict[str, Any], request: dict[str, Any]) -> None:
     """Answer one request of the grader and write the answer to ``request['out']``."""
     op = request["op"]
@@ -110,10 +135,8 @@ def serve(namespace: dict[str, Any], request: dict[str, Any]) -> None:
         )
         answer = {k: plain(v) for k, v in outcome.items()}
     elif op == "export":
-        import cloudpickle
-
         with open(request["blob"], "wb") as f:
-            f.write(cloudpickle.dumps(namespace[request["name"]]))
+            f.write(export_bytes(namespace[request["name"]]))
         answer = {"exported": True}
     else:
         answer = {"error": f"unknown request {op!r}"}

@@ -313,3 +313,35 @@ def test_a_distributed_exercise_is_judged_in_the_grader_rank_by_rank(
     [row] = result.rows
     assert row["status"] == status and says in row["message"], row
     assert "\n" not in row["message"]
+
+
+def test_a_class_with_a_once_differentiable_backward_is_rebuilt_in_a_fresh_process(
+    tmp_path: Path,
+) -> None:
+    import subprocess
+    import sys
+
+    from course_utils import agent
+
+    namespace: dict = {}
+    exec(  # a class defined in a notebook cell, not importable by name
+        "import torch\n"
+        "class Twice(torch.autograd.Function):\n"
+        "    @staticmethod\n"
+        "    def forward(ctx, x):\n"
+        "        return x * 2\n"
+        "    @staticmethod\n"
+        "    @torch.autograd.function.once_differentiable\n"
+        "    def backward(ctx, g):\n"
+        "        return g * 2\n",
+        namespace,
+    )
+    blob = tmp_path / "class.pkl"
+    blob.write_bytes(agent.export_bytes(namespace["Twice"]))
+    code = (
+        "import cloudpickle, torch, sys; c = cloudpickle.loads(open(sys.argv[1], 'rb').read()); "
+        "x = torch.ones(3, requires_grad=True); c.apply(x).sum().backward(); print(x.grad.tolist())"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(blob)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-500:]
+    assert done.stdout.strip() == "[2.0, 2.0, 2.0]"
