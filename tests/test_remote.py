@@ -345,3 +345,22 @@ def test_a_class_with_a_once_differentiable_backward_is_rebuilt_in_a_fresh_proce
     done = subprocess.run([sys.executable, "-c", code, str(blob)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-500:]
     assert done.stdout.strip() == "[2.0, 2.0, 2.0]"
+
+
+@pytest.mark.slow
+def test_a_dict_argument_the_contract_updates_is_judged_as_the_kernel_left_it(
+    tmp_path: Path,
+) -> None:
+    # chapter 06's small_cnn_loss updates bn_state in place: the grader must judge the update
+    # the kernel made, not its own untouched copy of the argument
+    chapter = "06_normalization"
+    nb = nbformat.read(Path(__file__).resolve().parents[1] / "solutions" / f"{chapter}.ipynb", 4)
+    sources = []
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            sources.append(cell.source)
+            if cell.source.startswith("def small_cnn_loss("):
+                break
+    path = write(tmp_path / f"{chapter}.ipynb", notebook(chapter, *sources))
+    result = grade.grade_notebook(path, timeout=240, exercise="small_cnn_loss")
+    assert statuses(result) == {"small_cnn_loss": "passed"}, result.rows

@@ -1794,6 +1794,7 @@ def check_small_cnn_loss(t: Tester) -> None:
     state = {"running_mean": rm.clone(), "running_var": rv.clone()}
     want_loss, _ = _torch_small_cnn(params, X, y)
     loss, _ = t.unpack(case, t.call(case, params, X, y, True, 0.0, state), ("loss", "grads"))
+    state = t.last_args[5]  # bn_state as the call left it (in the learner's kernel when graded)
     running_loss = _small_cnn(params, X, y, False, 0.0, {"running_mean": rm, "running_var": rv})[0]
     t.compare(
         case,
@@ -1830,6 +1831,7 @@ def check_small_cnn_loss(t: Tester) -> None:
     case = f"X ({n}, 1, {h}, {h}) float64, eval (train=False, dropout_p=0.5) with bn_state"
     state = {"running_mean": rm.clone(), "running_var": rv.clone()}
     out = t.call(case, params, X, y, False, 0.5, state)
+    state = t.last_args[5]
     loss = out[0] if isinstance(out, tuple | list) and out else out
     want_eval = _small_cnn(params, X, y, False, 0.0, {"running_mean": rm, "running_var": rv})[0]
     t.compare(
