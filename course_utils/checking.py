@@ -754,6 +754,22 @@ class Tester:
                 raise CheckFailure(f"in case {case}, {name} changed its input `{k}` in place.")
         return outcome["value"]
 
+    def function_class(self, example: str) -> type:
+        """The learner's ``torch.autograd.Function`` subclass; CheckFailure if something else was passed."""
+        cls = self.fn
+        if isinstance(cls, type) and issubclass(cls, torch.autograd.Function):
+            return cls
+        if isinstance(cls, torch.autograd.Function):
+            got = f"an instance, {type(cls).__name__}(); drop the parentheses"
+        elif isinstance(cls, type):
+            got = f"the class {cls.__name__}, which does not subclass torch.autograd.Function"
+        else:
+            got = f"{type(cls).__name__} {getattr(cls, '__name__', '')}".strip()
+        raise CheckFailure(
+            f"pass the class itself, a subclass of torch.autograd.Function, but got {got}. "
+            f"For example: {example}."
+        )
+
     # ---- judging outputs -------------------------------------------------------------
     def fail(self, case: str, message: str) -> None:
         """Fail the check with a message about ``case``."""

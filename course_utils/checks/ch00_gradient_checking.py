@@ -286,18 +286,7 @@ def _shape(text: str) -> tuple[int, ...]:
 )
 def check_silu_function(t: Tester) -> None:
     """Forward equals F.silu, backward equals its derivative times grad_output, gradcheck passes."""
-    cls = t.fn
-    if not (isinstance(cls, type) and issubclass(cls, torch.autograd.Function)):
-        if isinstance(cls, torch.autograd.Function):
-            got = f"an instance, {type(cls).__name__}(); drop the parentheses"
-        elif isinstance(cls, type):
-            got = f"the class {cls.__name__}, which does not subclass torch.autograd.Function"
-        else:
-            got = f"{type(cls).__name__} {getattr(cls, '__name__', '')}".strip()
-        raise CheckFailure(
-            f"pass the class itself, a subclass of torch.autograd.Function, but got {got}. "
-            'For example: cu.check("silu_function", SiLUFunction).'
-        )
+    cls = t.function_class('cu.check("silu_function", SiLUFunction)')
 
     # The contract's signature names no arguments, so in-place changes are reported here by name.
     def apply(x: Tensor, case: str) -> Tensor:

@@ -494,22 +494,6 @@ class RefDropoutFunction(torch.autograd.Function):
         return grad_output * keep * ctx.scale, None, None
 
 
-def _as_function_class(t: Tester, example: str) -> type:
-    cls = t.fn
-    if not (isinstance(cls, type) and issubclass(cls, torch.autograd.Function)):
-        if isinstance(cls, torch.autograd.Function):
-            got = f"an instance, {type(cls).__name__}(); drop the parentheses"
-        elif isinstance(cls, type):
-            got = f"the class {cls.__name__}, which does not subclass torch.autograd.Function"
-        else:
-            got = f"{type(cls).__name__} {getattr(cls, '__name__', '')}".strip()
-        raise CheckFailure(
-            f"pass the class itself, a subclass of torch.autograd.Function, but got {got}. "
-            f"For example: {example}."
-        )
-    return cls
-
-
 def _forward_backward(cls: type, x: Tensor, p: float, training: bool, dout: Tensor) -> tuple:
     """y = cls.apply(x, p, training), then d(sum(y * dout))/dx through the learner's backward."""
     xr = x.detach().clone().requires_grad_(True)
@@ -697,7 +681,7 @@ def _check_function_edges(t: Tester, run: object) -> None:
 )
 def check_dropout_function(t: Tester) -> None:
     """Forward values and statistics, backward on the forward's own mask, p=1, p=0 and eval mode."""
-    cls = _as_function_class(t, 'cu.check("dropout_function", DropoutFunction)')
+    cls = t.function_class('cu.check("dropout_function", DropoutFunction)')
 
     def run(x: Tensor, p: float, training: bool, dout: Tensor) -> tuple:
         return _forward_backward(cls, x, p, training, dout)

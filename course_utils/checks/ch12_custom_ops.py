@@ -408,17 +408,7 @@ def _judge_backward(
 )
 def check_lltm_function(t: Tester) -> None:
     """Forward and gradients against the reference, gradcheck on the class's own forward."""
-    cls = t.fn
-    if not (isinstance(cls, type) and issubclass(cls, torch.autograd.Function)):
-        got = (
-            f"an instance, {type(cls).__name__}(); drop the parentheses"
-            if isinstance(cls, torch.autograd.Function)
-            else f"{type(cls).__name__} {getattr(cls, '__name__', '')}".strip()
-        )
-        raise CheckFailure(
-            f"pass the class itself, a subclass of torch.autograd.Function, but got {got}. "
-            'For example: cu.check("lltm_function", LLTMFunction).'
-        )
+    cls = t.function_class('cu.check("lltm_function", LLTMFunction)')
 
     def run(
         args: tuple[Tensor, ...], grads: tuple[Tensor, Tensor], need: tuple[bool, ...], case: str
