@@ -18,6 +18,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import nbformat
 import pytest
@@ -94,8 +95,14 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     folder = tmp_path_factory.mktemp("lab")
     shutil.copy(ROOT / "course" / f"{CHAPTER}.ipynb", folder / "student.ipynb")
     shutil.copy(ROOT / "solutions" / f"{CHAPTER}.ipynb", folder / "solution.ipynb")
+    # The settings the course's wheel installs into JupyterLab (an editable install cannot):
+    # the same file, served from a settings folder of the test's own.
+    overrides = folder / "app_settings" / "overrides.d"
+    overrides.mkdir(parents=True)
+    shutil.copy(ROOT / "course_utils" / "jupyter" / "course-utils.json", overrides)
     port, token = _free_port(), secrets.token_hex(16)
     cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1"]
+    cmd += [f"--LabApp.app_settings_dir={folder / 'app_settings'}"]
     cmd += [f"--port={port}", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={folder}"]
     cmd += ["--LabApp.expose_app_in_browser=True", "--ServerApp.open_browser=False"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
@@ -131,7 +138,10 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         log.close()
 
 
-def _run_notebook(lab: str, name: str, screenshot: Path | None = None) -> dict:
+def _run_notebook(
+    lab: str, name: str, screenshot: Path | None = None, reopen: bool = False
+) -> tuple[dict, dict | None]:
+    """Open ``name``, run every cell and take a snapshot; with ``reopen``, save, reload and snapshot again."""
     base, token = lab.split("|")
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(
@@ -139,16 +149,7 @@ def _run_notebook(lab: str, name: str, screenshot: Path | None = None) -> dict:
         )
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            # a workspace of its own, reset: JupyterLab would otherwise reopen the tabs of the
-            # previous test and the notebook under test might not be the current one
-            workspace = f"w{secrets.token_hex(4)}"
-            page.goto(f"{base}/lab/workspaces/{workspace}/tree/{name}?token={token}&reset")
-            page.wait_for_function(
-                "() => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
-                " const k = w && w.sessionContext && w.sessionContext.session &&"
-                " w.sessionContext.session.kernel; return k && k.status === 'idle'; }",
-                timeout=120_000,
-            )
+            _open(page, base, token, name)
             page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
             page.wait_for_timeout(500)
             try:
@@ -160,13 +161,47 @@ def _run_notebook(lab: str, name: str, screenshot: Path | None = None) -> dict:
             if screenshot is not None:
                 screenshot.parent.mkdir(parents=True, exist_ok=True)
                 page.screenshot(path=str(screenshot))
-            return page.evaluate(SNAPSHOT_JS)
+            seen = page.evaluate(SNAPSHOT_JS)
+            if not reopen:
+                return seen, None
+            page.evaluate("window.jupyterapp.commands.execute('docmanager:save')")
+            page.wait_for_function(
+                "() => !window.jupyterapp.shell.currentWidget.context.model.dirty", timeout=30_000
+            )
+            page.evaluate("window.jupyterapp.commands.execute('kernelmenu:shutdown')")
+            page.close()
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            _open(page, base, token, name)
+            # the saved widget state is restored after the kernel is up: wait until every
+            # widget output shows either a control or an error
+            settled = f"() => {{ const s = ({SNAPSHOT_JS})(); return s.widgetOutputs > 0 &&"
+            settled += " s.widgetsRendered + s.widgetAsText >= s.widgetOutputs; }"
+            try:
+                page.wait_for_function(settled, timeout=30_000)
+            except playwright.Error:
+                pass  # judged by the test from the snapshot below
+            return seen, page.evaluate(SNAPSHOT_JS)
         finally:
             browser.close()
 
 
+def _open(page: Any, base: str, token: str, name: str) -> None:
+    # a workspace of its own, reset: JupyterLab would otherwise reopen the tabs of the
+    # previous test and the notebook under test might not be the current one
+    workspace = f"w{secrets.token_hex(4)}"
+    page.goto(f"{base}/lab/workspaces/{workspace}/tree/{name}?token={token}&reset")
+    page.wait_for_function(
+        "() => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
+        " const k = w && w.sessionContext && w.sessionContext.session &&"
+        " w.sessionContext.session.kernel; return k && k.status === 'idle'; }",
+        timeout=120_000,
+    )
+
+
 def test_a_student_notebook_shows_pending_lines_and_live_widgets_and_no_error(lab: str) -> None:
-    seen = _run_notebook(lab, "student.ipynb", screenshot=ARTIFACTS / f"browser_{CHAPTER}.png")
+    seen, reopened = _run_notebook(
+        lab, "student.ipynb", screenshot=ARTIFACTS / f"browser_{CHAPTER}.png", reopen=True
+    )
     assert seen["errors"] == [], seen["errors"][:2]
     assert seen["checkCells"] >= 5
     for output in seen["checkOutputs"]:
@@ -174,10 +209,14 @@ def test_a_student_notebook_shows_pending_lines_and_live_widgets_and_no_error(la
     assert seen["widgetOutputs"] >= 1 and seen["widgetsRendered"] == seen["widgetOutputs"]
     assert seen["widgetAsText"] == 0
     assert (ARTIFACTS / f"browser_{CHAPTER}.png").stat().st_size > 10_000
+    # saved, closed and reopened: the widgets come back from the state saved with the notebook
+    assert reopened["widgetAsText"] == 0, "a reopened widget shows 'Error displaying widget'"
+    assert reopened["widgetOutputs"] == seen["widgetOutputs"]
+    assert reopened["widgetsRendered"] == reopened["widgetOutputs"]
 
 
 def test_a_solution_notebook_shows_a_passed_report_under_every_check(lab: str) -> None:
-    seen = _run_notebook(lab, "solution.ipynb")
+    seen, _ = _run_notebook(lab, "solution.ipynb")
     assert seen["errors"] == [], seen["errors"][:2]
     nb = nbformat.read(ROOT / "solutions" / f"{CHAPTER}.ipynb", as_version=4)
     expected = sum("cu.check(" in c.source for c in nb.cells if c.cell_type == "code")

@@ -9,7 +9,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from course_utils import build, release
+from course_utils import __version__, build, release
 from course_utils.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +31,9 @@ def test_the_handout_holds_every_student_notebook_a_readme_and_a_wheel(handout: 
     with zipfile.ZipFile(wheel) as whl:
         files = whl.namelist()
     assert "course_utils/checking.py" in files
+    # installed into JupyterLab's settings overrides: widget state is saved with the notebook
+    overrides = f"course_utils-{__version__}.data/data/share/jupyter/lab/settings/overrides.d/"
+    assert overrides + "course-utils.json" in files
     assert not any(n.startswith("solutions/") or n.endswith(".ipynb") for n in files)
     assert sorted(p.name for p in handout.iterdir()) == ["README.md", "course", "wheels"]
 
