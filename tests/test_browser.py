@@ -1,7 +1,8 @@
 """The course in a real browser: JupyterLab driven by headless Chromium (Playwright), as a learner meets it.
 
 A student notebook shows no error output, only pending lines for unwritten exercises, and
-live widgets; a solution notebook shows a passed report under every check cell. A
+live widgets that come back after it is saved and reopened (the widget-state setting the
+course installs); a solution notebook shows a passed report under every check cell. A
 screenshot of the student chapter is kept in ``.ci/artifacts/``. Chromium comes from the
 system (Debian's ``chromium``), never Playwright's own download.
 """
