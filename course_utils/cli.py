@@ -165,6 +165,27 @@ def _parser() -> _Parser:
     p.set_defaults(run=cmd_release)
 
     p = sub.add_parser(
+        "site",
+        help="run the solution notebooks and render them, with the index, to a static HTML site",
+    )
+    p.add_argument("out", type=Path, metavar="OUT", help="a folder outside the repository")
+    p.add_argument(
+        "--no-execute",
+        action="store_true",
+        help="render the notebooks as stored (no outputs) instead of running them",
+    )
+    p.add_argument("--only", nargs="*", metavar="NN", help="only these chapters (numbers)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="notebooks run at once")
+    p.add_argument(
+        "--timeout",
+        type=_positive,
+        default=DEFAULT_TIMEOUT,
+        metavar="S",
+        help="seconds a cell may run (default: 600)",
+    )
+    p.set_defaults(run=cmd_site)
+
+    p = sub.add_parser(
         "gpu", help="run every GPU cell and benchmark of the course; write .ci/gpu.md (needs CUDA)"
     )
     p.add_argument("--out", type=Path, metavar="FILE.md", help="default: .ci/gpu.md")
@@ -179,6 +200,23 @@ def cmd_release(args: argparse.Namespace) -> int:
 
     written = release.release(args.out)
     print(f"wrote {args.out}: {release.describe(written)}")
+    return 0
+
+
+def cmd_site(args: argparse.Namespace) -> int:
+    """Build the static site of the course into a folder."""
+    from . import site
+
+    if args.jobs < 1:
+        raise UsageError("--jobs must be at least 1")
+    pages = site.build_site(
+        args.out,
+        only=args.only,
+        execute_notebooks=not args.no_execute,
+        jobs=args.jobs,
+        timeout=int(args.timeout),
+    )
+    print(f"wrote {args.out / site.INDEX} and {len(pages)} chapter pages; every link checked")
     return 0
 
 
@@ -202,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if not getattr(args, "run", None):
             raise UsageError(
-                "give a command: list, check, status, grade, build, release or gpu (see `course --help`)"
+                "give a command: list, check, status, grade, build, release, site or gpu (see `course --help`)"
             )
         return args.run(args)
     except SystemExit as done:  # --help and --version
