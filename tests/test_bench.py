@@ -9,13 +9,16 @@ import torch
 from course_utils import bench, checking
 
 
-def test_time_checks_times_every_exercise_on_its_reference() -> None:
+def test_time_checks_times_every_exercise_of_the_chapters_asked_on_its_reference() -> None:
+    # Two chapters: every reference passing its own battery is test_checking's job; this one
+    # is about the timing loop (and all chapters would cost a minute of CI).
     threads = torch.get_num_threads()
     try:
-        seconds = bench.time_checks(seeds=1)
+        seconds = bench.time_checks(seeds=1, chapters=["00", "03"])
     finally:
         torch.set_num_threads(threads)  # time_checks pins one thread, as the budget is per core
-    assert set(seconds) == {e.id for e in checking.exercises()}
+    wanted = {e.id for e in checking.exercises() if e.chapter[:2] in ("00", "03")}
+    assert set(seconds) == wanted and len(wanted) >= 5
     assert all(math.isfinite(s) and s >= 0 for s in seconds.values())
 
 
