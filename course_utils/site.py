@@ -17,6 +17,7 @@ import html
 import os
 import re
 import shutil
+import subprocess
 import tempfile
 from html.parser import HTMLParser
 from pathlib import Path
@@ -78,7 +79,8 @@ def execute(path: Path, timeout: int = 600) -> nbformat.NotebookNode:
             **client_options(),
         )
         try:
-            client.execute()
+            # The kernel's own log (transport warnings) would break up the progress bar.
+            client.execute(stderr=subprocess.DEVNULL)
         except CellTimeoutError:
             raise SiteError(f"{path.name}: a cell ran longer than {timeout} s") from None
         except CellExecutionError as err:
