@@ -4,6 +4,10 @@ nbval starts a notebook's kernel while setting up its first cell, after this
 plugin's ``tryfirst`` wrapper has set ``COURSE_STRICT`` (and ``MPLBACKEND``, ``OMP_NUM_THREADS``);
 the variables are restored once the kernel is up, so other tests never see them.
 
+Notebooks marked long (metadata ``course.long``) are moved to the front of the run, so the
+two xdist workers start on them and the run ends on short items, not with one worker alone
+on a three-minute notebook.
+
 In course/ notebooks it also checks the stubs, at no extra cost: every cell that calls
 ``cu.check(...)`` must report its exercise as pending. A stub that returns instead of
 raising NotImplementedError (or leaks a solution) fails that cell, while nbval itself
@@ -12,6 +16,7 @@ fails any cell that errors.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -52,6 +57,26 @@ def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = old
+
+
+def is_long(path: Path) -> bool:
+    """Whether the notebook at ``path`` is marked long in its metadata (``course.long``)."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8")).get("metadata", {})
+    except (OSError, ValueError):
+        return False
+    return bool(isinstance(meta, dict) and (meta.get("course") or {}).get("long"))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Long notebooks first, everything else in its collected order."""
+    long: dict[Path, bool] = {}
+    for item in items:
+        path = Path(str(item.path))
+        if path.suffix == ".ipynb" and path not in long:
+            long[path] = is_long(path)
+    items.sort(key=lambda item: not long.get(Path(str(item.path)), False))
 
 
 _CHECK_CALL = re.compile(r"^\s*(?:\w+\s*=\s*)?cu\.check\(\s*['\"](\w+)['\"]", re.M)

@@ -11,7 +11,7 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from course_utils.nbval_mode import strict_value
+from course_utils.nbval_mode import is_long, pytest_collection_modifyitems, strict_value
 
 
 def test_strict_value_by_nearest_folder() -> None:
@@ -20,6 +20,28 @@ def test_strict_value_by_nearest_folder() -> None:
     assert strict_value(Path("course/solutions/01_x.ipynb")) == "1"
     assert strict_value(Path("repo/tests/test_x.py")) is None
     assert strict_value(Path("repo/notes/01_x.ipynb")) is None
+
+
+def test_long_notebooks_run_first_and_the_rest_keep_their_order(tmp_path: Path) -> None:
+    paths = {}
+    for name, long in (("01_short", False), ("02_long", True), ("03_short", False)):
+        nb = new_notebook(metadata={"course": {"long": True}} if long else {})
+        paths[name] = tmp_path / f"{name}.ipynb"
+        nbformat.write(nb, paths[name])
+    (tmp_path / "broken.ipynb").write_text("{not json")
+    assert is_long(paths["02_long"]) and not is_long(paths["01_short"])
+    assert not is_long(tmp_path / "broken.ipynb") and not is_long(tmp_path / "missing.ipynb")
+    order = [
+        tmp_path / "test_a.py",
+        paths["01_short"],
+        paths["02_long"],
+        paths["02_long"],
+        tmp_path / "broken.ipynb",
+        paths["03_short"],
+    ]
+    items = [type("Item", (), {"path": p, "n": i})() for i, p in enumerate(order)]
+    pytest_collection_modifyitems(items)
+    assert [item.n for item in items] == [2, 3, 0, 1, 4, 5]
 
 
 @pytest.mark.slow
