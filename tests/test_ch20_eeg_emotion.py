@@ -592,7 +592,8 @@ def test_the_generator_is_seeded_fast_and_shaped_like_deap(generator):
     start = time.perf_counter()
     data = generator["make_eeg"](seed=3)
     seconds = time.perf_counter() - start
-    assert seconds < 2.0, f"make_eeg took {seconds:.2f} s"
+    # About 0.4 s on one core; generous here, for a loaded CI machine.
+    assert seconds < 3.0, f"make_eeg took {seconds:.2f} s"
     assert data["x"].shape == (640, 32, 512) and data["baseline"].shape == (640, 32, 256)
     assert data["x"].dtype == torch.float32
     assert sorted(data["label"].unique().tolist()) == [0, 1, 2, 3]
