@@ -66,7 +66,13 @@ def execute(path: Path, timeout: int = 600) -> nbformat.NotebookNode:
     from .kernel import client_options
 
     nb = build.read_notebook(path)
-    os.environ.update(COURSE_STRICT="1", COURSE_PROGRESS="0", OMP_NUM_THREADS="1")
+    # Figures must come back as images whatever backend the caller's environment names.
+    os.environ.update(
+        COURSE_STRICT="1",
+        COURSE_PROGRESS="0",
+        OMP_NUM_THREADS="1",
+        MPLBACKEND="module://matplotlib_inline.backend_inline",
+    )
     with tempfile.TemporaryDirectory(prefix="course_site_") as scratch:
         work = Path(scratch) / path.parent.name
         # Notebooks may write files next to themselves (scripts for torchrun, caches).
