@@ -13,8 +13,11 @@ and others (LSGAN, a frozen D never unfrozen, lambda not passed on, losses swapp
 
 from __future__ import annotations
 
+import ast
 import time
+from pathlib import Path
 
+import nbformat
 import pytest
 import torch
 import torch.nn.functional as F
@@ -541,3 +544,102 @@ def test_report_check_seconds(capsys):
             lines.append(f"{exercise_id:28s} {fn.__name__:32s} {time.perf_counter() - start:.3f} s")
     with capsys.disabled():
         print("\n" + "\n".join(lines))
+
+
+# =====================================================================================
+# The chapter's own data and training helpers: right shapes, determinism, one-line errors
+# =====================================================================================
+@pytest.fixture(scope="module")
+def chapter():
+    """The notebook's cells that define the data (make_pairs) and the two networks, executed."""
+    path = Path(__file__).resolve().parents[1] / "solutions" / "19_pix2pix.ipynb"
+    cells = [c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+    namespace = {"torch": torch, "nn": nn, "F": F}
+    for head in ("#: The colour of each kind", "class UNetGenerator"):
+        (source,) = [s for s in cells if s.startswith(head)]
+        exec(source.split("\ngen_demo")[0], namespace)  # noqa: S102 - the chapter's own cells
+    return namespace
+
+
+def test_make_pairs_shapes_ranges_and_determinism(chapter):
+    a, b = chapter["make_pairs"](64, seed=3)
+    assert a.shape == (64, 1, 32, 32) and b.shape == (64, 3, 32, 32)
+    assert set(a.unique().tolist()) == {-1.0, 1.0}
+    assert b.abs().max() <= 0.8 + 1e-6
+    a2, b2 = chapter["make_pairs"](64, seed=3)
+    assert torch.equal(a, a2) and torch.equal(b, b2)
+    assert not torch.equal(b, chapter["make_pairs"](64, seed=4)[1])
+    # Every target pixel is the background, a kind's colour or its dark stripe, and all occur.
+    bright = chapter["COLOURS"]
+    background = chapter["BACKGROUND"]
+    palette = torch.cat([bright, (bright + background) / 2, torch.full((1, 3), background)])
+    pixels = b.permute(0, 2, 3, 1).reshape(-1, 3)
+    distance, which = torch.cdist(pixels, palette).min(1)
+    assert distance.max() < 1e-6
+    assert set(which.unique().tolist()) == set(range(7))
+    # Outline pixels lie on the filled shapes.
+    filled = (b != background).any(1)
+    assert bool(filled[a[:, 0] > 0].all())
+    # Inside a shape, rows two apart are always on opposite stripes.
+    both = filled[:, 2:, :] & filled[:, :-2, :]
+    step = (b[:, :, 2:, :] - b[:, :, :-2, :]).abs().sum(1)
+    assert torch.allclose(step[both].median(), torch.tensor(1.6))
+
+
+def test_the_stripe_phase_is_not_in_the_outline(chapter):
+    # A shape's first row is bright in 2 of the 4 phases: about half of 512 shapes (a binomial
+    # share outside (0.4, 0.6) has probability below 1e-5).
+    a, b = chapter["make_pairs"](512, seed=0, max_shapes=1)
+    filled = (b != chapter["BACKGROUND"]).any(1)  # (512, 32, 32)
+    top = filled.any(2).float().argmax(1)  # first row of the shape in each image
+    rows = b[torch.arange(512), :, top]  # (512, 3, 32): that row
+    on_top = filled[torch.arange(512), top]  # (512, 32)
+    brightness = (rows.sum(1) * on_top).sum(1) / on_top.sum(1)  # +0.8 on a bright stripe, -0.8 dark
+    bright_share = float((brightness > 0).float().mean())
+    assert 0.4 < bright_share < 0.6, bright_share
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"n": 0}, r"n must be a positive whole number of pairs, got 0"),
+        ({"n": 2.5}, r"n must be a positive whole number of pairs, got 2\.5"),
+        ({"n": 4, "size": 16}, r"size must be a whole number of pixels, at least 20.*got 16"),
+        ({"n": 4, "max_shapes": 0}, r"max_shapes must be a positive whole number, got 0"),
+    ],
+)
+def test_make_pairs_refuses_bad_input_in_one_line(chapter, kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern) as info:
+        chapter["make_pairs"](**kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_the_networks_shapes_and_receptive_fields(chapter):
+    gen = chapter["UNetGenerator"]()
+    disc = chapter["PatchDiscriminator"]()
+    out = gen(torch.zeros(2, 1, 32, 32))
+    assert out.shape == (2, 3, 32, 32) and out.abs().max() < 1
+    assert disc(torch.zeros(2, 4, 32, 32)).shape == (2, 1, 14, 14)
+    rf = cu.reference("receptive_field")
+    paper = chapter["PatchDiscriminator"](6, ndf=64, n_layers=3)
+    assert rf(paper.kernels_and_strides()) == 70
+    assert rf(disc.kernels_and_strides()) == 16
+
+
+def test_train_refuses_an_unknown_mode_in_one_line():
+    path = Path(__file__).resolve().parents[1] / "solutions" / "19_pix2pix.ipynb"
+    (source,) = [
+        c.source
+        for c in nbformat.read(path, as_version=4).cells
+        if c.cell_type == "code" and "\ndef train(" in c.source
+    ]
+    (node,) = [
+        n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == "train"
+    ]
+    namespace = {"torch": torch, "nn": nn}
+    exec(compile(ast.Module([node], []), "train", "exec"), namespace)  # noqa: S102
+    with pytest.raises(
+        ValueError, match=r"mode must be 'l1\+gan', 'gan' or 'l1', got 'l2'"
+    ) as info:
+        namespace["train"]("l2")
+    assert "\n" not in str(info.value)
