@@ -251,15 +251,6 @@ D_MISTAKES = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("fn", "pattern"), D_MISTAKES, ids=[str(i) for i in range(len(D_MISTAKES))]
-)
-def test_discriminator_loss_mistake_is_named(fn, pattern):
-    for seed in MISTAKE_SEEDS:
-        with pytest.raises(cu.CheckFailure, match=pattern):
-            cu.check(D_LOSS, fn, strict=True, seed=seed)
-
-
 def _g(*, pair="b", label=1.0, saturating=False, lam="l1", l1="abs", detach=False, half=1.0):
     def fn(disc, real_a, real_b, fake_b, lambda_l1=100.0):
         fake = fake_b.detach() if detach else fake_b
@@ -305,23 +296,13 @@ G_MISTAKES = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("fn", "pattern"), G_MISTAKES, ids=[str(i) for i in range(len(G_MISTAKES))]
-)
-def test_generator_loss_mistake_is_named(fn, pattern):
-    for seed in MISTAKE_SEEDS:
-        with pytest.raises(cu.CheckFailure, match=pattern):
-            cu.check(G_LOSS, fn, strict=True, seed=seed)
-
-
 # =====================================================================================
 # Planted mistakes in the training step
 # =====================================================================================
-def _losses(disc, real_a, real_b, fake, lam, detach=True):
+def _loss_d(disc, real_a, real_b, fake, detach=True):
     pr = disc(torch.cat([real_a, real_b], 1))
     pf = disc(torch.cat([real_a, fake.detach() if detach else fake], 1))
-    loss_d = 0.5 * (F.softplus(-pr).mean() + F.softplus(pf).mean())
-    return loss_d
+    return 0.5 * (F.softplus(-pr).mean() + F.softplus(pf).mean())
 
 
 def _loss_g(disc, real_a, real_b, fake, lam):
@@ -329,38 +310,12 @@ def _loss_g(disc, real_a, real_b, fake, lam):
     return F.softplus(-pf).mean() + lam * (fake - real_b).abs().mean()
 
 
-def step_g_first(gen, disc, opt_g, opt_d, real_a, real_b, lambda_l1=100.0):
-    fake = gen(real_a)
-    opt_g.zero_grad()
-    loss_g = _loss_g(disc, real_a, real_b, fake, lambda_l1)
-    loss_g.backward()
-    opt_g.step()
-    opt_d.zero_grad()
-    loss_d = _losses(disc, real_a, real_b, fake, lambda_l1)
-    loss_d.backward()
-    opt_d.step()
-    return loss_d.item(), loss_g.item()
-
-
-def step_no_detach(gen, disc, opt_g, opt_d, real_a, real_b, lambda_l1=100.0):
-    fake = gen(real_a)
-    opt_d.zero_grad()
-    loss_d = _losses(disc, real_a, real_b, fake, lambda_l1, detach=False)
-    loss_d.backward()
-    opt_d.step()
-    opt_g.zero_grad()
-    loss_g = _loss_g(disc, real_a, real_b, fake, lambda_l1)
-    loss_g.backward()
-    opt_g.step()
-    return loss_d.item(), loss_g.item()
-
-
 def step_no_detach_retained(gen, disc, opt_g, opt_d, real_a, real_b, lambda_l1=100.0):
     """Both gradients zeroed at the start, then D's loss backpropagated into G as well."""
     opt_d.zero_grad()
     opt_g.zero_grad()
     fake = gen(real_a)
-    loss_d = _losses(disc, real_a, real_b, fake, lambda_l1, detach=False)
+    loss_d = _loss_d(disc, real_a, real_b, fake, detach=False)
     loss_d.backward(retain_graph=True)
     opt_d.step()
     loss_g = _loss_g(disc, real_a, real_b, fake, lambda_l1)
@@ -379,41 +334,54 @@ def _step(
     twice=False,
     returns="dg",
     zero_late=False,
+    g_first=False,
+    detach_in_d=True,
+    detach_in_g=False,
 ):
+    """pix2pix's step, written as a learner would, with the mistakes the arguments name."""
+
     def fn(gen, disc, opt_g, opt_d, real_a, real_b, lambda_l1=100.0):
         lam = 100.0 if lam_default else lambda_l1
         fake = gen(real_a)
-        if zero_d:
-            opt_d.zero_grad()
-        loss_d = _losses(disc, real_a, real_b, fake, lam)
-        loss_d.backward()
-        if zero_late:
-            opt_d.zero_grad()
-        opt_d.step()
-        if freeze:
-            disc.requires_grad_(False)
-        if zero_g:
-            opt_g.zero_grad()
-        pf = disc(torch.cat([real_a, fake], 1))
-        gan = F.softplus(-pf).mean()
-        loss_g = gan + lam * (fake - real_b).abs().mean()
-        loss_g.backward()
-        opt_g.step()
-        if twice:
+        losses = {}
+
+        def d_step():
+            if zero_d:
+                opt_d.zero_grad()
+            losses["d"] = _loss_d(disc, real_a, real_b, fake, detach=detach_in_d)
+            losses["d"].backward()
+            if zero_late:
+                opt_d.zero_grad()
             opt_d.step()
-        if freeze and unfreeze:
-            disc.requires_grad_(True)
-        out = {"d": loss_d.item(), "g": loss_g.item(), "n": gan.item()}
+
+        def g_step():
+            if freeze:
+                disc.requires_grad_(False)
+            if zero_g:
+                opt_g.zero_grad()
+            scored = fake.detach() if detach_in_g else fake
+            pf = disc(torch.cat([real_a, scored], 1))
+            losses["n"] = F.softplus(-pf).mean()
+            losses["g"] = losses["n"] + lam * (scored - real_b).abs().mean()
+            losses["g"].backward()
+            opt_g.step()
+            if twice:
+                opt_d.step()
+            if freeze and unfreeze:
+                disc.requires_grad_(True)
+
+        for phase in (g_step, d_step) if g_first else (d_step, g_step):
+            phase()
         if returns == "d":
-            return out["d"]
-        return out[returns[0]], out[returns[1]]
+            return losses["d"].item()
+        return losses[returns[0]].item(), losses[returns[1]].item()
 
     return fn
 
 
 def step_old_disc_in_place(gen, disc, opt_g, opt_d, real_a, real_b, lambda_l1=100.0):
     fake = gen(real_a)
-    loss_d = _losses(disc, real_a, real_b, fake, lambda_l1)
+    loss_d = _loss_d(disc, real_a, real_b, fake)
     loss_g = _loss_g(disc, real_a, real_b, fake, lambda_l1)
     opt_d.zero_grad()
     loss_d.backward()
@@ -428,24 +396,11 @@ def step_old_disc_both_backward(gen, disc, opt_g, opt_d, real_a, real_b, lambda_
     opt_d.zero_grad()
     opt_g.zero_grad()
     fake = gen(real_a)
-    loss_d = _losses(disc, real_a, real_b, fake, lambda_l1)
+    loss_d = _loss_d(disc, real_a, real_b, fake)
     loss_g = _loss_g(disc, real_a, real_b, fake, lambda_l1)
     loss_d.backward()
     loss_g.backward()
     opt_d.step()
-    opt_g.step()
-    return loss_d.item(), loss_g.item()
-
-
-def step_detached_g(gen, disc, opt_g, opt_d, real_a, real_b, lambda_l1=100.0):
-    fake = gen(real_a).detach()
-    opt_d.zero_grad()
-    loss_d = _losses(disc, real_a, real_b, fake, lambda_l1)
-    loss_d.backward()
-    opt_d.step()
-    opt_g.zero_grad()
-    loss_g = _loss_g(disc, real_a, real_b, fake, lambda_l1)
-    loss_g.backward()
     opt_g.step()
     return loss_d.item(), loss_g.item()
 
@@ -457,8 +412,8 @@ def step_in_place(gen, disc, opt_g, opt_d, real_a, real_b, lambda_l1=100.0):
 
 
 STEP_MISTAKES = [
-    (step_g_first, r"generator was updated before the discriminator"),
-    (step_no_detach, r"graph was already freed.*fake image was not detached"),
+    (_step(g_first=True), r"generator was updated before the discriminator"),
+    (_step(detach_in_d=False), r"graph was already freed.*fake image was not detached"),
     (step_no_detach_retained, r"gradient reached the generator's output 2 times.*not detached"),
     (
         _step(zero_d=False),
@@ -485,18 +440,27 @@ STEP_MISTAKES = [
     (_step(returns="gd"), r"`loss_d returned at step 1` is wrong.*wrong order"),
     (_step(returns="dn"), r"`loss_g returned at step 1` is wrong.*GAN term alone"),
     (_step(returns="d"), r"should return \(loss_d, loss_g\), two numbers, but it returned a float"),
-    (step_detached_g, r"no gradient reached the generator's output"),
+    (_step(detach_in_g=True), r"no gradient reached the generator's output"),
     (step_in_place, r"changed its input `real_b` in place"),
 ]
 
 
-@pytest.mark.parametrize(
-    ("fn", "pattern"), STEP_MISTAKES, ids=[str(i) for i in range(len(STEP_MISTAKES))]
+MISTAKES = (
+    [(D_LOSS, fn, pattern) for fn, pattern in D_MISTAKES]
+    + [(G_LOSS, fn, pattern) for fn, pattern in G_MISTAKES]
+    + [(STEP, fn, pattern) for fn, pattern in STEP_MISTAKES]
 )
-def test_train_step_mistake_is_named(fn, pattern):
+
+
+@pytest.mark.parametrize(
+    ("exercise_id", "fn", "pattern"),
+    MISTAKES,
+    ids=[f"{e.split('_', 1)[1]}-{i}" for i, (e, _, _) in enumerate(MISTAKES)],
+)
+def test_planted_mistake_is_named(exercise_id, fn, pattern):
     for seed in MISTAKE_SEEDS:
         with pytest.raises(cu.CheckFailure, match=pattern):
-            cu.check(STEP, fn, strict=True, seed=seed)
+            cu.check(exercise_id, fn, strict=True, seed=seed)
 
 
 def test_the_probes_refuse_a_pair_that_is_not_one():
