@@ -12,12 +12,12 @@ from __future__ import annotations
 import inspect
 import math
 import re
-import time
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from check_times import report_check_seconds
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -1205,23 +1205,8 @@ def test_in_place_change_of_an_input_is_named_by_its_argument():
 
 
 def test_report_check_seconds(capsys):
-    """Times each check on the reference and on the slowest correct style, on one thread.
-
-    The numbers are reported (run pytest with -s), never asserted: timed tests are flaky.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    lines = []
-    try:
-        for exercise_id, slow in SLOWEST.items():
-            for label, fn in (("reference", cu.reference(exercise_id)), (slow.__name__, slow)):
-                start = time.perf_counter()
-                cu.check(exercise_id, fn, strict=True)
-                lines.append(f"{exercise_id:22s} {label:24s} {time.perf_counter() - start:.3f} s")
-    finally:
-        torch.set_num_threads(threads)
-    with capsys.disabled():
-        print("\n" + "\n".join(lines))
+    """Times each check on the reference and the slowest correct style; reported, never asserted."""
+    report_check_seconds(SLOWEST, capsys)
 
 
 def test_exercises_of_chapter_02_are_registered_with_their_contract():

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import math
 import re
-import time
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from check_times import report_check_seconds
 
 import course_utils as cu
 from course_utils.checks import ch06_normalization as ch06
@@ -1475,12 +1475,5 @@ def test_exercises_of_chapter_06_are_registered_with_their_contract():
 
 
 def test_report_check_seconds(capsys):
-    """Times each check on the reference and the slowest correct style, one thread; reported, never asserted."""
-    lines = []
-    for exercise_id, slow in SLOWEST.items():
-        for label, fn in (("reference", cu.reference(exercise_id)), (slow.__name__, slow)):
-            start = time.perf_counter()
-            cu.check(exercise_id, fn, strict=True)
-            lines.append(f"{exercise_id:20s} {label:18s} {time.perf_counter() - start:.3f} s")
-    with capsys.disabled():
-        print("\n" + "\n".join(lines))
+    """Times each check on the reference and the slowest correct style; reported, never asserted."""
+    report_check_seconds(SLOWEST, capsys)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import math
 import re
-import time
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from check_times import report_check_seconds
 
 import course_utils as cu
 from course_utils.checks import ch09_attention as ch09
@@ -857,14 +857,7 @@ def test_contract_signatures():
 
 def test_report_check_seconds(capsys):
     """Times each check on the reference and the slowest correct style; reported, never asserted."""
-    lines = []
-    for exercise_id, slow in SLOWEST.items():
-        for label, fn in (("reference", cu.reference(exercise_id)), (slow.__name__, slow)):
-            start = time.perf_counter()
-            cu.check(exercise_id, fn, strict=True)
-            lines.append(f"{exercise_id:30s} {label:24s} {time.perf_counter() - start:.3f} s")
-    with capsys.disabled():
-        print("\n" + "\n".join(lines))
+    report_check_seconds(SLOWEST, capsys)
 
 
 @pytest.mark.parametrize(

@@ -11,12 +11,12 @@ and the gradient mistakes (.item(), .detach(), a straight-through clip), each na
 from __future__ import annotations
 
 import re
-import time
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from check_times import report_check_seconds
 
 import course_utils as cu
 from course_utils.checks import ch17_ppo as ch17
@@ -383,14 +383,7 @@ def test_contract_signatures():
 
 def test_report_check_seconds(capsys):
     """Times each check on the reference and the slowest correct style; reported, never asserted."""
-    lines = []
-    for exercise_id, fns in CORRECT.items():
-        for fn in (cu.reference(exercise_id), *fns):
-            start = time.perf_counter()
-            cu.check(exercise_id, fn, strict=True)
-            lines.append(f"{exercise_id:20s} {fn.__name__:28s} {time.perf_counter() - start:.3f} s")
-    with capsys.disabled():
-        print("\n" + "\n".join(lines))
+    report_check_seconds(CORRECT, capsys)
 
 
 # =====================================================================================

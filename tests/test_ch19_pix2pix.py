@@ -14,13 +14,13 @@ and others (LSGAN, a frozen D never unfrozen, lambda not passed on, losses swapp
 from __future__ import annotations
 
 import ast
-import time
 from pathlib import Path
 
 import nbformat
 import pytest
 import torch
 import torch.nn.functional as F
+from check_times import report_check_seconds
 from torch import nn
 
 import course_utils as cu
@@ -500,14 +500,7 @@ def test_contract_signatures():
 
 def test_report_check_seconds(capsys):
     """Times each check on the reference and the slowest correct style; reported, never asserted."""
-    lines = []
-    for exercise_id, fns in CORRECT.items():
-        for fn in (cu.reference(exercise_id), *fns):
-            start = time.perf_counter()
-            cu.check(exercise_id, fn, strict=True)
-            lines.append(f"{exercise_id:28s} {fn.__name__:32s} {time.perf_counter() - start:.3f} s")
-    with capsys.disabled():
-        print("\n" + "\n".join(lines))
+    report_check_seconds(CORRECT, capsys)
 
 
 # =====================================================================================

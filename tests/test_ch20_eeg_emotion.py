@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import scipy.fft
 import torch
+from check_times import report_check_seconds
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -187,14 +188,7 @@ def test_contract_signatures():
 
 def test_report_check_seconds(capsys):
     """Times each check on the reference and the slowest correct style; reported, never asserted."""
-    lines = []
-    for exercise_id, slow in SLOWEST.items():
-        for label, fn in (("reference", cu.reference(exercise_id)), (slow.__name__, slow)):
-            start = time.perf_counter()
-            cu.check(exercise_id, fn, strict=True)
-            lines.append(f"{exercise_id:22s} {label:26s} {time.perf_counter() - start:.3f} s")
-    with capsys.disabled():
-        print("\n" + "\n".join(lines))
+    report_check_seconds(SLOWEST, capsys)
 
 
 # =====================================================================================
