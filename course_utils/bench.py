@@ -20,6 +20,7 @@ import torch
 from nbclient import NotebookClient
 from tqdm.auto import tqdm
 
+from .build import is_long
 from .checking import check, exercises, references_allowed
 from .kernel import client_options
 
@@ -77,10 +78,7 @@ def time_checks(seeds: int = 5, chapters: list[str] | None = None) -> dict[str, 
 
 
 def _budget(path: Path) -> float:
-    nb = nbformat.read(path, as_version=4)
-    return (
-        LONG_NOTEBOOK_BUDGET_S if nb.metadata.get("course", {}).get("long") else NOTEBOOK_BUDGET_S
-    )
+    return LONG_NOTEBOOK_BUDGET_S if is_long(path) else NOTEBOOK_BUDGET_S
 
 
 def write_table(

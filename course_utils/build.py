@@ -69,6 +69,15 @@ def find_repo_root(start: Path | None = None) -> Path:
     return here
 
 
+def is_long(path: Path) -> bool:
+    """Whether the notebook at ``path`` is marked long in its metadata (``course.long``)."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8")).get("metadata", {})
+    except (OSError, ValueError):
+        return False
+    return bool(isinstance(meta, dict) and (meta.get("course") or {}).get("long"))
+
+
 def read_notebook(path: Path, *, validate: bool = False) -> nbformat.NotebookNode:
     """Read a notebook (as nbformat 4); ``ValueError`` with one line naming the file if it is not one."""
     path = Path(path)

@@ -16,13 +16,14 @@ fails any cell that errors.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from .build import is_long
 
 _MODES = {"solutions": "1", "course": "0"}
 
@@ -57,15 +58,6 @@ def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = old
-
-
-def is_long(path: Path) -> bool:
-    """Whether the notebook at ``path`` is marked long in its metadata (``course.long``)."""
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8")).get("metadata", {})
-    except (OSError, ValueError):
-        return False
-    return bool(isinstance(meta, dict) and (meta.get("course") or {}).get("long"))
 
 
 @pytest.hookimpl(trylast=True)

@@ -50,7 +50,7 @@ SOLUTION_MARKERS = (
 )
 
 
-def _clean_copy(src: Path, dst: Path) -> None:
+def clean_copy(src: Path, dst: Path) -> None:
     """Write ``src`` to ``dst`` with outputs and execution counts cleared."""
     nb = build.read_notebook(src)
     for cell in nb.cells:
@@ -107,7 +107,7 @@ def release(out: Path | str, root: Path | str | None = None) -> list[Path]:
     (out / "course").mkdir(parents=True, exist_ok=True)
     written = []
     for path in notebooks:
-        _clean_copy(path, out / "course" / path.name)
+        clean_copy(path, out / "course" / path.name)
         written.append(out / "course" / path.name)
     readme = out / "README.md"
     readme.write_text(LEARNER_README, encoding="utf-8")

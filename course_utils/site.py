@@ -26,7 +26,7 @@ from typing import Any
 import nbformat
 
 from . import __version__, build
-from .release import SOLUTION_MARKERS
+from .release import SOLUTION_MARKERS, clean_copy
 
 #: A file that marks a folder as a site this command wrote (and may write again).
 MARKER = ".course-site"
@@ -249,7 +249,7 @@ def build_site(
             written.append(page)
     (out / STUDENT_DIR).mkdir()
     for path in paths:
-        _student_copy(root / "course" / path.name, out / STUDENT_DIR / path.name)
+        clean_copy(root / "course" / path.name, out / STUDENT_DIR / path.name)
     rows = [{"stem": s, "title": t, "exercises": _exercise_ids(s)} for s, t in pages]
     (out / INDEX).write_text(_index(rows, execute_notebooks), encoding="utf-8")
     problems = verify(out, [p.stem for p in paths])
@@ -257,14 +257,6 @@ def build_site(
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise SiteError(f"the site in {out} failed its check: {problems[0]}{more}")
     return sorted(written)
-
-
-def _student_copy(src: Path, dst: Path) -> None:
-    nb = build.read_notebook(src)
-    for cell in nb.cells:
-        if cell.cell_type == "code":
-            cell.outputs, cell.execution_count = [], None
-    nbformat.write(nb, dst)
 
 
 class _Links(HTMLParser):

@@ -11,7 +11,8 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from course_utils.nbval_mode import is_long, pytest_collection_modifyitems, strict_value
+from course_utils.build import is_long
+from course_utils.nbval_mode import pytest_collection_modifyitems, strict_value
 
 
 def test_strict_value_by_nearest_folder() -> None:
