@@ -211,16 +211,50 @@ def code_fingerprint(obj: Any) -> str:
     return digest.hexdigest()
 
 
+# reference_functions runs before every call of a learner's function; scanning all of
+# sys.modules (thousands of entries once torch is loaded) each time took half of some checks.
+_battery_names: dict[str, Any] = {"size": -1, "names": ()}
+_module_refs: dict[str, tuple[types.ModuleType, int, list[tuple[str, types.FunctionType]]]] = {}
+
+
+def battery_modules() -> list[types.ModuleType]:
+    """The loaded modules of course_utils.checks; the names are rescanned when sys.modules grows or shrinks."""
+    if len(sys.modules) != _battery_names["size"]:
+        _battery_names["names"] = tuple(
+            name for name in list(sys.modules) if name.startswith("course_utils.checks.")
+        )
+        _battery_names["size"] = len(sys.modules)
+    modules = (sys.modules.get(name) for name in _battery_names["names"])
+    return [m for m in modules if isinstance(m, types.ModuleType)]
+
+
+def _refs_of(module: types.ModuleType) -> list[tuple[str, types.FunctionType]]:
+    """The ``ref_*`` functions of one module, rescanned when its namespace changes."""
+    namespace = vars(module)
+    cached = _module_refs.get(module.__name__)
+    if (
+        cached is not None
+        and cached[0] is module
+        and cached[1] == len(namespace)
+        and all(namespace.get(attr) is fn for attr, fn in cached[2])
+    ):
+        return cached[2]
+    refs = [
+        (attr, value)
+        for attr, value in list(namespace.items())
+        if attr.startswith("ref_") and isinstance(value, types.FunctionType)
+    ]
+    _module_refs[module.__name__] = (module, len(namespace), refs)
+    return refs
+
+
 def reference_functions() -> list[types.FunctionType]:
     """Every reference implementation the course ships (functions named ``ref_*`` in its batteries)."""
     found: dict[int, types.FunctionType] = {}
-    for name, module in list(sys.modules.items()):
-        if not name.startswith("course_utils.checks.") or module is None:
-            continue
-        for attr, value in vars(module).items():
-            if attr.startswith("ref_") and isinstance(value, types.FunctionType):
-                # once each: a reference one chapter imports from another is the same function
-                found.setdefault(id(value), value)
+    for module in battery_modules():
+        for _, fn in _refs_of(module):
+            # once each: a reference one chapter imports from another is the same function
+            found.setdefault(id(fn), fn)
     return list(found.values())
 
 

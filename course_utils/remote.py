@@ -258,7 +258,7 @@ class RemoteTester(checking.Tester):
         """One request with the exercise's guards; the outcome, or CheckFailure in one line."""
         shown = self.fn.__name__
         # The battery's probes and watches travel by value, like the agent.
-        for module in _battery_modules():
+        for module in invoke.battery_modules():
             cloudpickle.register_pickle_by_value(module)
         payload = dict(payload, backward=self.exercise.backward, forbidden=self.exercise.forbidden)
         try:
@@ -270,10 +270,6 @@ class RemoteTester(checking.Tester):
         if outcome.get("kind") not in (*invoke.KINDS, "deadlock", "died"):
             raise checking.CheckFailure(f"{shown} sent back an answer the grader cannot read")
         return outcome
-
-
-def _battery_modules() -> list[Any]:
-    return [m for name, m in sys.modules.items() if name.startswith("course_utils.checks.") and m]
 
 
 def grade_in_kernel(

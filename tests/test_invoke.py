@@ -207,3 +207,55 @@ def test_a_reference_imported_by_two_batteries_is_restored_after_the_call() -> N
     finally:
         del sys.modules[twin.__name__]
     assert ch06.ref_rmsnorm_forward.__code__ is code
+
+
+def _plain_scan() -> set[int]:
+    """What reference_functions must return, found the slow way: every module, every call."""
+    import sys
+    import types
+
+    return {
+        id(value)
+        for name, module in list(sys.modules.items())
+        if name.startswith("course_utils.checks.") and module is not None
+        for attr, value in vars(module).items()
+        if attr.startswith("ref_") and isinstance(value, types.FunctionType)
+    }
+
+
+def test_reference_functions_follow_added_replaced_and_removed_references(monkeypatch) -> None:
+    import sys
+    import types
+
+    from course_utils.checks import ch06_normalization as ch06
+
+    assert {id(f) for f in invoke.reference_functions()} == _plain_scan()
+    # a battery module imported after the first scan
+    late = types.ModuleType("course_utils.checks.ch98_late")
+
+    def ref_late(x):
+        return x
+
+    late.ref_late = ref_late
+    monkeypatch.setitem(sys.modules, late.__name__, late)
+    assert ref_late in invoke.reference_functions()
+
+    # a reference added to, and one replaced in, a module already scanned (same namespace size)
+    def ref_added(x):
+        return x
+
+    late.ref_added = ref_added
+    assert ref_added in invoke.reference_functions()
+
+    def ref_replacement(x, eps=1e-6):
+        return x
+
+    original = ch06.ref_rmsnorm_forward
+    monkeypatch.setattr(ch06, "ref_rmsnorm_forward", ref_replacement)
+    refs = invoke.reference_functions()
+    assert ref_replacement in refs and original not in refs
+    assert {id(f) for f in refs} == _plain_scan()
+    monkeypatch.undo()
+    refs = invoke.reference_functions()
+    assert original in refs and ref_late not in refs and ref_replacement not in refs
+    assert {id(f) for f in refs} == _plain_scan()
