@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import __version__
+from .lean_imports import skip_unused_imports
 
 
 class _OnFirstUse:
@@ -232,6 +233,7 @@ def cmd_gpu(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``course`` command; return its exit code."""
+    skip_unused_imports()
     parser = _parser()
     if threading.current_thread() is threading.main_thread():
         # Turn `kill` into KeyboardInterrupt so graders and kernels we started are ended too.

@@ -243,7 +243,7 @@ def _run_child(
     cmd = [
         sys.executable,
         "-m",
-        "course_utils.grade",
+        "course_utils.grade_child",
         str(copy),
         "--chapter",
         chapter,
@@ -469,7 +469,7 @@ def _grade_safely(
 def _child_main(argv: list[str] | None = None) -> int:
     """Entry point of the child process that runs one notebook (used by ``grade_notebook``)."""
     parser = argparse.ArgumentParser(
-        prog="python -m course_utils.grade", description=_child_main.__doc__
+        prog="python -m course_utils.grade_child", description=_child_main.__doc__
     )
     parser.add_argument("notebook", type=Path)
     parser.add_argument("--chapter", required=True)
@@ -505,7 +505,3 @@ def __getattr__(name: str) -> Any:
 
         return getattr(gradebook, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-if __name__ == "__main__":
-    sys.exit(_child_main())
