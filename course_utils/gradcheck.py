@@ -55,6 +55,32 @@ def numerical_gradient(
     return grads
 
 
+def _as_float64_array(t: Tensor) -> np.ndarray:
+    """A float64 numpy view (or copy) of ``t``, detached and on the CPU."""
+    return np.asarray(t.detach().to(device="cpu", dtype=torch.float64).resolve_neg().numpy())
+
+
+def _relative_error_array(a: np.ndarray, e: np.ndarray, floor: float | None) -> np.ndarray:
+    """:func:`relative_error` on float64 arrays (numpy: a check calls it thousands of times)."""
+    with np.errstate(all="ignore"):
+        diff = np.abs(a - e)
+        finite = np.isfinite(a) & np.isfinite(e)
+        any_finite = bool(finite.any())
+        scale = max(
+            float(np.abs(a[finite]).max()) if any_finite else 0.0,
+            float(np.abs(e[finite]).max()) if any_finite else 0.0,
+        )
+        if floor is None:
+            floor = 1e-3 * scale
+        floor = max(floor, 1e-300)
+        denom = np.maximum(np.maximum(np.abs(a), np.abs(e)), floor)
+        rel = diff / denom
+        # NaN/inf where the expected value is finite is as wrong as it gets.
+        same_nonfinite = (a == e) & ~finite
+        rel = np.where(same_nonfinite, 0.0, rel)
+        return np.asarray(np.where(np.isnan(rel), np.inf, rel))
+
+
 def relative_error(actual: Tensor, expected: Tensor, floor: float | None = None) -> Tensor:
     """Elementwise ``|a - e| / max(|a|, |e|, floor)``.
 
@@ -63,23 +89,8 @@ def relative_error(actual: Tensor, expected: Tensor, floor: float | None = None)
     magnitude in either tensor: an entry 1e-12 off a true zero is then not an error,
     while an entry of the tensor's own size that is wrong still counts fully.
     """
-    a = actual.detach().to(torch.float64)
-    e = expected.detach().to(torch.float64)
-    diff = (a - e).abs()
-    finite = torch.isfinite(a) & torch.isfinite(e)
-    scale = max(
-        float(a[finite].abs().max()) if finite.any() else 0.0,
-        float(e[finite].abs().max()) if finite.any() else 0.0,
-    )
-    if floor is None:
-        floor = 1e-3 * scale
-    floor = max(floor, 1e-300)
-    denom = torch.maximum(torch.maximum(a.abs(), e.abs()), torch.tensor(floor, dtype=torch.float64))
-    rel = diff / denom
-    # NaN/inf where the expected value is finite is as wrong as it gets.
-    same_nonfinite = (a == e) & ~finite
-    rel = torch.where(same_nonfinite, torch.zeros_like(rel), rel)
-    return torch.where(torch.isnan(rel), torch.full_like(rel, float("inf")), rel)
+    a, e = _as_float64_array(actual), _as_float64_array(expected)
+    return torch.from_numpy(_relative_error_array(a, e, floor))
 
 
 @dataclass
@@ -100,20 +111,21 @@ def compare(actual: Tensor, expected: Tensor, rtol: float, atol: float) -> Compa
     Shapes must already agree. The worst index is where the tolerance is exceeded
     the most (ties go to the first in row-major order).
     """
-    a = actual.detach().to(torch.float64)
-    e = expected.detach().to(torch.float64)
-    diff = (a - e).abs()
-    both_same = (a == e) | (torch.isnan(a) & torch.isnan(e))
-    diff = torch.where(both_same, torch.zeros_like(diff), diff)
-    diff = torch.where(torch.isnan(diff), torch.full_like(diff, float("inf")), diff)
-    if a.numel() == 0:
+    # numpy rather than torch: the same IEEE float64 operations, without torch's per-operator
+    # overhead, which dominated checks that compare thousands of small tensors.
+    a, e = _as_float64_array(actual), _as_float64_array(expected)
+    if a.size == 0:
         return Comparison(True, 0.0, 0.0, (), 0.0, 0.0)
-    excess = diff / (atol + rtol * e.abs())
-    excess = torch.where(torch.isnan(excess), torch.full_like(excess, float("inf")), excess)
-    flat = int(torch.argmax(excess.reshape(-1)))
-    # numpy's unravel_index: torch's imports sympy on first use, seconds of start-up in a check.
-    idx = tuple(int(i) for i in np.unravel_index(flat, tuple(a.shape))) if a.dim() else ()
-    rel = relative_error(a, e)
+    with np.errstate(all="ignore"):
+        diff = np.abs(a - e)
+        both_same = (a == e) | (np.isnan(a) & np.isnan(e))
+        diff = np.where(both_same, 0.0, diff)
+        diff = np.where(np.isnan(diff), np.inf, diff)
+        excess = diff / (atol + rtol * np.abs(e))
+        excess = np.where(np.isnan(excess), np.inf, excess)
+    flat = int(np.argmax(excess.reshape(-1)))
+    idx = tuple(int(i) for i in np.unravel_index(flat, a.shape)) if a.ndim else ()
+    rel = _relative_error_array(a, e, None)
     return Comparison(
         ok=bool((excess <= 1.0).all()),
         max_abs=float(diff.max()),

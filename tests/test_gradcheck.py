@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import course_utils as cu
-from course_utils.gradcheck import compare, numerical_gradient, relative_error
+from course_utils.gradcheck import Comparison, compare, numerical_gradient, relative_error
 
 
 def _autograd(f, *xs, dout=None):
@@ -101,6 +101,89 @@ def test_compare_treats_matching_infinities_as_equal_and_nan_as_wrong():
     e = torch.tensor([float("-inf"), 1.0])
     assert compare(e.clone(), e, 1e-7, 1e-9).ok
     assert not compare(torch.tensor([float("nan"), 1.0]), e, 1e-7, 1e-9).ok
+
+
+def _torch_relative_error(a, e):
+    """The formula of ``relative_error`` written in torch operators: the oracle for numpy's."""
+    diff = (a - e).abs()
+    finite = torch.isfinite(a) & torch.isfinite(e)
+    scale = max(
+        float(a[finite].abs().max()) if finite.any() else 0.0,
+        float(e[finite].abs().max()) if finite.any() else 0.0,
+    )
+    floor = torch.tensor(max(1e-3 * scale, 1e-300), dtype=torch.float64)
+    rel = diff / torch.maximum(torch.maximum(a.abs(), e.abs()), floor)
+    rel = torch.where((a == e) & ~finite, torch.zeros_like(rel), rel)
+    return torch.where(torch.isnan(rel), torch.full_like(rel, math.inf), rel)
+
+
+def _torch_compare(actual, expected, rtol, atol):
+    """The formula of ``compare`` written in torch operators: the oracle for numpy's."""
+    a, e = actual.detach().double(), expected.detach().double()
+    if a.numel() == 0:
+        return Comparison(True, 0.0, 0.0, (), 0.0, 0.0)
+    diff = (a - e).abs()
+    diff = torch.where((a == e) | (a.isnan() & e.isnan()), torch.zeros_like(diff), diff)
+    diff = torch.where(diff.isnan(), torch.full_like(diff, math.inf), diff)
+    excess = diff / (atol + rtol * e.abs())
+    excess = torch.where(excess.isnan(), torch.full_like(excess, math.inf), excess)
+    flat = int(excess.reshape(-1).argmax())
+    idx, rest = [], flat
+    for size in reversed(a.shape):
+        idx.append(rest % size)
+        rest //= size
+    return Comparison(
+        ok=bool((excess <= 1).all()),
+        max_abs=float(diff.max()),
+        max_rel=float(_torch_relative_error(a, e).max()),
+        worst_index=tuple(reversed(idx)),
+        actual_value=float(a.reshape(-1)[flat]),
+        expected_value=float(e.reshape(-1)[flat]),
+    )
+
+
+# Values that make the edge cases: signed zeros, infinities, NaN, ties, tiny and huge numbers.
+_SPECIAL = [0.0, -0.0, 1.0, -1.0, 1e-300, 1e300, 3.5, math.inf, -math.inf, math.nan]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    shape=st.lists(st.integers(0, 4), min_size=0, max_size=3),
+    data=st.data(),
+    dtype=st.sampled_from([torch.float64, torch.float32, torch.float16, torch.bfloat16]),
+    rtol=st.sampled_from([0.0, 1e-7, 1e-5, 1e-2]),
+    atol=st.sampled_from([0.0, 1e-12, 1e-8, 1e-3]),
+)
+def test_compare_and_relative_error_agree_with_their_torch_formulas(shape, data, dtype, rtol, atol):
+    n = math.prod(shape)
+    value = st.one_of(st.sampled_from(_SPECIAL), st.floats(-6e4, 6e4, width=16))
+    e = torch.tensor(data.draw(st.lists(value, min_size=n, max_size=n)), dtype=torch.float64)
+    # actual: often the expected value itself, nudged, or unrelated, so that ties and NaN pairs occur
+    pick = data.draw(st.lists(st.sampled_from(["same", "nudge", "other"]), min_size=n, max_size=n))
+    other = data.draw(st.lists(value, min_size=n, max_size=n))
+    a = torch.tensor(
+        [
+            x if how == "same" else x * (1 + 1e-6) + 1e-9 if how == "nudge" else y
+            for x, y, how in zip(e.tolist(), other, pick, strict=True)
+        ],
+        dtype=torch.float64,
+    )
+    a, e = a.reshape(shape).to(dtype), e.reshape(shape).to(dtype)
+    got, want = compare(a, e, rtol, atol), _torch_compare(a, e, rtol, atol)
+    # repr compares floats bit for bit in spirit: nan equals nan, and -0.0 differs from 0.0
+    assert repr(got) == repr(want)
+    rel, want_rel = relative_error(a, e), _torch_relative_error(a.double(), e.double())
+    assert rel.dtype == torch.float64 and rel.shape == a.shape
+    assert torch.equal(rel.isnan(), want_rel.isnan())
+    assert torch.equal(rel.nan_to_num(0.0), want_rel.nan_to_num(0.0))
+
+
+def test_compare_accepts_tensors_that_require_grad_or_are_negated_views():
+    x = torch.tensor([1.0, -2.0, 3.0], requires_grad=True)
+    assert compare(x * 1, x.detach().clone(), 0.0, 1e-12).ok
+    negated = torch.tensor([1.0, 2.0]).neg().conj()  # a view with the negative bit set
+    assert compare(negated, torch.tensor([-1.0, -2.0]), 0.0, 1e-12).ok
+    assert relative_error(negated, torch.tensor([-1.0, -2.0])).tolist() == [0.0, 0.0]
 
 
 class _GoodCube(torch.autograd.Function):
