@@ -148,8 +148,18 @@ def _on_stack(mode: Any) -> bool:
 
 
 # ---- forbidden operators -------------------------------------------------------------------
+# The forbidden-call guard names every torch call a learner's function makes (millions in a
+# loop-heavy style); the name of a torch callable never changes, so it is worked out once.
+_OP_NAMES: dict[Any, tuple[str, str]] = {}
+_OP_NAMES_MAX = 65536
+
+
 def op_name(func: Any) -> tuple[str, str]:
     """(form, base name) of a torch callable: ``F.softmax`` -> ("F", "softmax"), ``aten._softmax.default`` -> ("aten", "softmax")."""
+    try:
+        return _OP_NAMES[func]
+    except Exception:  # noqa: BLE001 - not yet known, or not hashable: work it out
+        pass
     name = str(getattr(func, "__name__", "") or "")
     module = str(getattr(func, "__module__", "") or "")
     qualname = str(getattr(func, "__qualname__", "") or "")
@@ -164,6 +174,12 @@ def op_name(func: Any) -> tuple[str, str]:
     base = name.lstrip("_")
     for prefix in ("special_", "linalg_"):
         base = base.removeprefix(prefix)
+    if len(_OP_NAMES) >= _OP_NAMES_MAX:
+        _OP_NAMES.clear()
+    try:
+        _OP_NAMES[func] = (form, base)
+    except Exception:  # noqa: BLE001 - an unhashable callable is simply not remembered
+        pass
     return form, base
 
 
@@ -191,6 +207,26 @@ class _ForbiddenWatch(TorchFunctionMode):
 
 
 # ---- references ----------------------------------------------------------------------------
+# A check compares the learner's function with every reference by these digests; code objects
+# are immutable, so each one's digest is computed once (the entry holds the code, so its id
+# cannot be reused while it is cached).
+_CODE_DIGESTS: dict[int, tuple[types.CodeType, bytes, str]] = {}
+_CODE_DIGESTS_MAX = 65536
+
+
+def _code_digest(code: types.CodeType) -> tuple[bytes, str]:
+    """The marshalled bytes of ``code`` (without its file and first line) and their sha256."""
+    cached = _CODE_DIGESTS.get(id(code))
+    if cached is not None and cached[0] is code:
+        return cached[1], cached[2]
+    if len(_CODE_DIGESTS) >= _CODE_DIGESTS_MAX:
+        _CODE_DIGESTS.clear()
+    data = marshal.dumps(code.replace(co_filename="", co_firstlineno=1))
+    digest = hashlib.sha256(data).hexdigest()
+    _CODE_DIGESTS[id(code)] = (code, data, digest)
+    return data, digest
+
+
 def code_fingerprint(obj: Any) -> str:
     """A digest of the code of a function, or of every method of a class ('' if it has none)."""
     codes = []
@@ -205,9 +241,11 @@ def code_fingerprint(obj: Any) -> str:
             codes.append(fn.__code__)
     if not codes:
         return ""
+    if len(codes) == 1:
+        return _code_digest(codes[0])[1]  # the sha256 of one code's bytes, as below
     digest = hashlib.sha256()
     for code in codes:
-        digest.update(marshal.dumps(code.replace(co_filename="", co_firstlineno=1)))
+        digest.update(_code_digest(code)[0])
     return digest.hexdigest()
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import marshal
+import traceback
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -259,3 +263,90 @@ def test_reference_functions_follow_added_replaced_and_removed_references(monkey
     refs = invoke.reference_functions()
     assert original in refs and ref_late not in refs and ref_replacement not in refs
     assert {id(f) for f in refs} == _plain_scan()
+
+
+def test_op_names_are_remembered_per_callable_and_unhashable_callables_still_work() -> None:
+    calls = {
+        torch.softmax: ("torch", "softmax"),
+        F.softmax: ("F", "softmax"),
+        torch.Tensor.softmax: ("Tensor", "softmax"),
+        torch.ops.aten._softmax.default: ("aten", "softmax"),
+        torch.special.log_softmax: ("torch", "log_softmax"),
+        torch.linalg.vector_norm: ("torch", "vector_norm"),
+    }
+    for _ in range(2):  # the second round answers from what the first remembered
+        assert {f: invoke.op_name(f) for f in calls} == calls
+
+    class Unhashable:
+        __name__ = "softmax"
+        __eq__ = object.__eq__  # defining __eq__ alone makes instances unhashable
+
+        def __call__(self, x):
+            return x
+
+    for _ in range(2):
+        assert invoke.op_name(Unhashable()) == ("torch", "softmax")
+    assert invoke.forbidden_match(torch.softmax, ("softmax",)) == "torch.softmax"
+    assert invoke.forbidden_match(torch.exp, ("softmax",)) == ""
+
+
+def test_code_fingerprint_follows_the_code_object_not_a_reused_id() -> None:
+    def f(x):
+        return x + 1
+
+    def g(x):
+        return x * 2
+
+    before = invoke.code_fingerprint(f)
+    f.__code__ = g.__code__
+    assert invoke.code_fingerprint(f) == invoke.code_fingerprint(g) != before
+
+    def h(x):
+        return x - 1
+
+    # An entry whose id matches but whose code is another object (an id reused after the code
+    # it was cached for was freed) must not be believed.
+    invoke._CODE_DIGESTS[id(h.__code__)] = (g.__code__, b"stale", "stale")
+    assert invoke.code_fingerprint(h) not in ("stale", invoke.code_fingerprint(g))
+
+    class Two:
+        def a(self):
+            return 1
+
+        def b(self):
+            return 2
+
+    def by_hand(*codes):
+        digest = hashlib.sha256()
+        for code in codes:
+            digest.update(marshal.dumps(code.replace(co_filename="", co_firstlineno=1)))
+        return digest.hexdigest()
+
+    for _ in range(2):  # computed, then remembered
+        assert invoke.code_fingerprint(Two) == by_hand(Two.a.__code__, Two.b.__code__)
+        assert invoke.code_fingerprint(g) == by_hand(g.__code__)
+
+
+def test_a_check_seeds_its_cases_without_queueing_device_seeds_or_moving_the_callers_stream(
+    monkeypatch,
+) -> None:
+    # torch.manual_seed queues a seeding of each device type not yet started, formatting a
+    # stack trace for each: milliseconds per check, thousands of checks in a battery's tests.
+    stacks = []
+    real_format_stack = traceback.format_stack
+    monkeypatch.setattr(
+        traceback, "format_stack", lambda *a, **k: stacks.append(1) or real_format_stack(*a, **k)
+    )
+
+    def softmax(logits, dim=-1):
+        e = torch.exp(logits - logits.amax(dim, keepdim=True))
+        return e / e.sum(dim, keepdim=True)
+
+    torch.manual_seed(123)
+    expected_next = torch.rand(4)
+    torch.manual_seed(123)
+    stacks.clear()
+    assert cu.check("softmax", softmax).passed
+    assert torch.equal(torch.rand(4), expected_next)  # the caller's stream is untouched
+    if not torch.cuda.is_initialized():
+        assert stacks == []
