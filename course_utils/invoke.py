@@ -19,6 +19,7 @@ A guard switched off during the call counts as a broken guard, not as a pass.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import marshal
 import sys
@@ -150,16 +151,8 @@ def _on_stack(mode: Any) -> bool:
 # ---- forbidden operators -------------------------------------------------------------------
 # The forbidden-call guard names every torch call a learner's function makes (millions in a
 # loop-heavy style); the name of a torch callable never changes, so it is worked out once.
-_OP_NAMES: dict[Any, tuple[str, str]] = {}
-_OP_NAMES_MAX = 65536
-
-
-def op_name(func: Any) -> tuple[str, str]:
-    """(form, base name) of a torch callable: ``F.softmax`` -> ("F", "softmax"), ``aten._softmax.default`` -> ("aten", "softmax")."""
-    try:
-        return _OP_NAMES[func]
-    except Exception:  # noqa: BLE001 - not yet known, or not hashable: work it out
-        pass
+@functools.lru_cache(maxsize=65536)
+def _op_name(func: Any) -> tuple[str, str]:
     name = str(getattr(func, "__name__", "") or "")
     module = str(getattr(func, "__module__", "") or "")
     qualname = str(getattr(func, "__qualname__", "") or "")
@@ -174,13 +167,15 @@ def op_name(func: Any) -> tuple[str, str]:
     base = name.lstrip("_")
     for prefix in ("special_", "linalg_"):
         base = base.removeprefix(prefix)
-    if len(_OP_NAMES) >= _OP_NAMES_MAX:
-        _OP_NAMES.clear()
-    try:
-        _OP_NAMES[func] = (form, base)
-    except Exception:  # noqa: BLE001 - an unhashable callable is simply not remembered
-        pass
     return form, base
+
+
+def op_name(func: Any) -> tuple[str, str]:
+    """(form, base name) of a torch callable: ``F.softmax`` -> ("F", "softmax"), ``aten._softmax.default`` -> ("aten", "softmax")."""
+    try:
+        return _op_name(func)
+    except TypeError:  # an unhashable callable is not remembered, only worked out
+        return _op_name.__wrapped__(func)
 
 
 def forbidden_match(func: Any, forbidden: tuple[str, ...]) -> str:
