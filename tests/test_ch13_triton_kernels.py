@@ -84,6 +84,26 @@ def test_checks_module_imports_without_triton_kernels():
     assert out.stdout.strip() == "False"
 
 
+@needs_triton
+def test_launches_are_counted_when_the_kernels_load_during_the_check():
+    # In a fresh process nothing has imported Triton's runtime before the check (torch._dynamo,
+    # which pulls it in, is no longer imported with the batteries): the course's kernels load
+    # inside the reference's call, and their launches must still be seen.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, course_utils as cu\n"
+        "from course_utils import checking\n"
+        "cu.exercises()\n"
+        "print('triton.runtime.interpreter' in sys.modules)\n"
+        "with checking.references_allowed():\n"
+        "    print(cu.check('triton_softmax', cu.reference('triton_softmax')).passed)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.stdout.split() == ["False", "True"], out.stdout + out.stderr[-2000:]
+
+
 # =====================================================================================
 # RMSNorm backward
 # =====================================================================================

@@ -20,12 +20,8 @@ from typing import Any
 
 import torch
 
-from ..checking import CheckFailure, Tester, exercise
+from ..checking import CheckFailure, Tester, exercise, load_optimizer_machinery
 from ..gradcheck import compare
-
-# The first optimizer a process builds imports torch._dynamo (a second or more): pay that at
-# import, so that it never lands inside one check's 2 s budget.
-torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
 
 CHAPTER = "08_optimizers"
 Tensor = torch.Tensor
@@ -429,6 +425,7 @@ def _run_sgd(fn: Callable, case: _Case, call: Callable | None = None) -> list[di
 )
 def check_sgd_step(t: Tester) -> None:
     """30-step trajectories on a noisy quadratic against torch.optim.SGD over a hyper-parameter grid."""
+    load_optimizer_machinery()
     for case in _sgd_cases(t):
         h = case.hyper
         momentum = h.get("momentum", 0.0)
@@ -664,6 +661,7 @@ def _run_adam(fn: Callable, case: _Case) -> list[dict]:
 )
 def check_adam_step(t: Tester) -> None:
     """30-step trajectories against torch.optim.Adam / AdamW over betas, eps, weight decay, lr."""
+    load_optimizer_machinery()
     for case in _adam_cases(t):
         h = dict(case.hyper)
         decoupled = h.pop("decoupled", False)
@@ -784,6 +782,7 @@ SCHEDULE_MISTAKES = {
 )
 def check_warmup_cosine_lr(t: Tester) -> None:
     """Every step 0..total_steps of several schedules against torch's scheduler composition."""
+    load_optimizer_machinery()
     grid = [
         (5, 30, 0.1, 0.0),
         (10, 50, 3e-4, 1e-5),

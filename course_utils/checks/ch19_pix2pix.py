@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checking import Tester, exercise
+from ..checking import Tester, exercise, load_optimizer_machinery
 
 CHAPTER = "19_pix2pix"
 Tensor = torch.Tensor
@@ -906,6 +906,7 @@ def _variant_params(variant: Callable[[int], dict], i: int, net: str, step: int)
 )
 def check_pix2pix_train_step(t: Tester) -> None:
     """Parameters of G and D after each of two steps, the returned losses, and the order of what ran."""
+    load_optimizer_machinery()
     for case, args, kwargs in _step_cases(t):
         seen = t.probe(case, probe_train_step, *args, **kwargs)
         if "error" in seen:
