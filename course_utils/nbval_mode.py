@@ -4,9 +4,10 @@ nbval starts a notebook's kernel while setting up its first cell, after this
 plugin's ``tryfirst`` wrapper has set ``COURSE_STRICT`` (and ``MPLBACKEND``, ``OMP_NUM_THREADS``);
 the variables are restored once the kernel is up, so other tests never see them.
 
-Notebooks marked long (metadata ``course.long``) are moved to the front of the run, so the
-two xdist workers start on them and the run ends on short items, not with one worker alone
-on a three-minute notebook.
+Test files and notebooks run longest first, by the seconds ``.ci/durations.json`` recorded
+(``course_utils.run_order``), so the two xdist workers (``--dist loadscope
+--no-loadscope-reorder``) end the run on short items, not one of them alone on a long
+notebook; without that table, notebooks marked long (metadata ``course.long``) go first.
 
 In course/ notebooks it also checks the stubs, at no extra cost: every cell that calls
 ``cu.check(...)`` must report its exercise as pending. A stub that returns instead of
@@ -24,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from .build import is_long
+from .run_order import load_durations, order_key
 
 _MODES = {"solutions": "1", "course": "0"}
 
@@ -61,14 +63,20 @@ def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
 
 
 @pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Long notebooks first, everything else in its collected order."""
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Longest recorded files first (unknown ones before them), long notebooks first among ties."""
     long: dict[Path, bool] = {}
     for item in items:
         path = Path(str(item.path))
         if path.suffix == ".ipynb" and path not in long:
             long[path] = is_long(path)
-    items.sort(key=lambda item: not long.get(Path(str(item.path)), False))
+    by_duration = order_key(load_durations(Path(config.rootpath)))
+    items.sort(
+        key=lambda item: (
+            *by_duration(item.nodeid),
+            not long.get(Path(str(item.path)), False),
+        )
+    )
 
 
 _CHECK_CALL = re.compile(r"^\s*(?:\w+\s*=\s*)?cu\.check\(\s*['\"](\w+)['\"]", re.M)

@@ -11,6 +11,7 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
+from course_utils import run_order
 from course_utils.build import is_long
 from course_utils.nbval_mode import pytest_collection_modifyitems, strict_value
 
@@ -40,9 +41,69 @@ def test_long_notebooks_run_first_and_the_rest_keep_their_order(tmp_path: Path) 
         tmp_path / "broken.ipynb",
         paths["03_short"],
     ]
-    items = [type("Item", (), {"path": p, "n": i})() for i, p in enumerate(order)]
-    pytest_collection_modifyitems(items)
+    items = [
+        type("Item", (), {"path": p, "n": i, "nodeid": f"{p.name}::{i}"})()
+        for i, p in enumerate(order)
+    ]
+    config = type("Config", (), {"rootpath": tmp_path})()  # no .ci/durations.json there
+    pytest_collection_modifyitems(config, items)
     assert [item.n for item in items] == [2, 3, 0, 1, 4, 5]
+
+
+def test_recorded_durations_order_the_files_longest_first_and_new_ones_before_them(
+    tmp_path: Path,
+) -> None:
+    report = tmp_path / "run.xml"
+    report.write_text(
+        '<testsuites><testsuite name="pytest">'
+        '<testcase classname="tests.test_quick" name="a" time="1.0"/>'
+        '<testcase classname="tests.test_slow" name="a" time="20.0"/>'
+        '<testcase classname="tests.test_quick" name="b" time="2.5"/>'
+        '<testcase classname="solutions.17_ppo.ipynb" name="Cell 0" time="30.0"/>'
+        '<testcase classname="solutions.17_ppo.ipynb" name="Cell 1" time="40.0"/>'
+        "</testsuite></testsuites>"
+    )
+    assert run_order.main([str(report), "--root", str(tmp_path)]) == 0
+    assert run_order.load_durations(tmp_path) == {
+        "solutions.17_ppo.ipynb": 70.0,
+        "tests.test_quick": 3.5,
+        "tests.test_slow": 20.0,
+    }
+    nodeids = [
+        "tests/test_quick.py::a",
+        "tests/test_new.py::a",
+        "tests/test_slow.py::a",
+        "solutions/17_ppo.ipynb::Cell 0",
+        "tests/test_quick.py::b[1]",
+        "solutions/17_ppo.ipynb::Cell 1",
+        "tests/test_new.py::b",
+    ]
+    items = [
+        type("Item", (), {"path": tmp_path / n.split("::")[0], "nodeid": n})() for n in nodeids
+    ]
+    config = type("Config", (), {"rootpath": tmp_path})()
+    pytest_collection_modifyitems(config, items)
+    assert [item.nodeid for item in items] == [
+        "tests/test_new.py::a",
+        "tests/test_new.py::b",
+        "solutions/17_ppo.ipynb::Cell 0",
+        "solutions/17_ppo.ipynb::Cell 1",
+        "tests/test_slow.py::a",
+        "tests/test_quick.py::a",
+        "tests/test_quick.py::b[1]",
+    ]
+
+
+def test_a_bad_report_or_table_is_one_line_or_ignored(tmp_path: Path, capsys) -> None:
+    (tmp_path / "bad.xml").write_text("<testsuites><testsuite")
+    with pytest.raises(SystemExit) as info:
+        run_order.main([str(tmp_path / "bad.xml"), "--root", str(tmp_path)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot read the JUnit XML report") and "\n" not in err
+    (tmp_path / ".ci").mkdir()
+    (tmp_path / ".ci" / "durations.json").write_text("[1, 2")
+    assert run_order.load_durations(tmp_path) == {}
 
 
 @pytest.mark.slow
