@@ -20,6 +20,7 @@ import os
 import platform
 import xml.etree.ElementTree as ET
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 DURATIONS = Path(".ci") / "durations.json"
@@ -72,7 +73,7 @@ def write_durations(rootdir: Path, seconds: dict[str, float]) -> Path:
     return path
 
 
-def order_key(durations: dict[str, float]):
+def order_key(durations: dict[str, float]) -> Callable[[str], tuple[bool, float]]:
     """Sort key for node ids: unknown files first, then the recorded ones longest first."""
 
     def key(nodeid: str) -> tuple[bool, float]:
