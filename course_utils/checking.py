@@ -422,17 +422,6 @@ def reference(exercise_id: str) -> Callable[..., Any]:
     return ref
 
 
-def load_optimizer_machinery() -> None:
-    """Build a throwaway torch optimizer once per process, so its one-time imports are paid now.
-
-    The first optimizer a process builds imports torch._dynamo (about a second). Batteries that
-    build optimizers call this first: inside a check it would add to that check's time, and in
-    the forked ranks of a world every rank would import it again. Processes that never build
-    an optimizer (most notebook kernels and grading processes) no longer pay it at import.
-    """
-    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
-
-
 @contextlib.contextmanager
 def _seeded(seed: int) -> Iterator[None]:
     # The learner's own code may draw from the global generator; keep the caller's stream intact.

@@ -73,6 +73,17 @@ class WorldError(RuntimeError):
         self.report = report
 
 
+def load_optimizer_machinery() -> None:
+    """Build a throwaway torch optimizer, so that this process pays its one-time imports now.
+
+    The first optimizer a process builds imports torch._dynamo (about a second). ``run_world``
+    calls this before it forks, so ranks that build an optimizer or torch's DDP inherit it
+    instead of each importing it again; the batteries that build optimizers call it first.
+    Processes that never do either (most kernels and grading processes) never pay it.
+    """
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+
+
 def run_world(
     fn: Callable[..., Any],
     world_size: int,
@@ -92,6 +103,7 @@ def run_world(
     """
     if world_size < 1:
         raise ValueError(f"world_size must be at least 1, got {world_size}")
+    load_optimizer_machinery()
     # fork, not spawn: the ranks inherit fn, so a function defined in a notebook cell works
     # without being importable or picklable. Forking a process that has other threads (a Jupyter
     # kernel's heartbeat and IOPub threads, torch's thread pools) copies only the calling thread;

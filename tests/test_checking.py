@@ -1,7 +1,5 @@
 """Unit tests of course_utils.checking: the check API's guarantees, on a throwaway exercise."""
 
-import subprocess
-import sys
 import time
 
 import pytest
@@ -238,38 +236,6 @@ def test_every_registered_reference_passes_its_own_battery_quickly():
         assert cu.check(ex.id, ex.reference).passed
         # Generous here (a loaded CI machine); the benchmark script records the real figures.
         assert time.perf_counter() - start < 5 * ex.budget
-
-
-def test_only_the_checks_that_build_optimizers_import_torch_dynamo():
-    """Importing the batteries leaves out torch._dynamo (about a second); optimizer checks load it.
-
-    The DDP battery must load it before its worlds fork, or every rank imports it again.
-    """
-    code = """
-import sys
-import course_utils as cu
-import course_utils.checks
-from course_utils import checking
-from course_utils.checks import ch14_data_parallel as ch14
-print("torch._dynamo" in sys.modules)
-events, warm, fork = [], ch14.load_optimizer_machinery, ch14.run_world
-def spy_warm():
-    events.append("warm")
-    warm()
-def spy_fork(*args, **kwargs):
-    events.append("fork" if "torch._dynamo" in sys.modules else "fork before torch._dynamo")
-    return fork(*args, **kwargs)
-ch14.load_optimizer_machinery, ch14.run_world = spy_warm, spy_fork
-with checking.references_allowed():
-    passed = cu.check("ddp", cu.reference("ddp")).passed
-print(passed, events[0], sorted(set(events[1:])))
-"""
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
-    )
-    assert done.stdout.split() == ["False", "True", "warm", "['fork']"], (
-        done.stdout + done.stderr[-2000:]
-    )
 
 
 def test_check_failure_renders_without_checker_frames_in_ipython():

@@ -1,6 +1,8 @@
 """run_world: forked gloo worlds that return every rank's result, or fail in one line, never hang."""
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -41,6 +43,27 @@ def _all_reduce_sum(rank: int, world_size: int, values: torch.Tensor) -> torch.T
     mine = values[rank].clone()
     dist.all_reduce(mine)
     return mine
+
+
+def test_ranks_inherit_the_optimizer_imports_and_the_batteries_do_not_load_them() -> None:
+    """torch._dynamo (a second, imported by the first optimizer) is loaded before a world forks.
+
+    Ranks that build an optimizer or torch's DDP would otherwise each import it again. Importing
+    the batteries leaves it out: most processes that check never build an optimizer.
+    """
+    code = """
+import sys
+import course_utils.checks
+from course_utils.distributed import run_world
+print("torch._dynamo" in sys.modules)
+def loaded(rank, world_size):
+    return "torch._dynamo" in sys.modules
+print(run_world(loaded, 2))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.stdout.split() == ["False", "[True,", "True]"], done.stdout + done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])

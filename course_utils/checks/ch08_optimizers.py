@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from ..checking import CheckFailure, Tester, exercise, load_optimizer_machinery
+from ..checking import CheckFailure, Tester, exercise
+from ..distributed import load_optimizer_machinery
 from ..gradcheck import compare
 
 CHAPTER = "08_optimizers"

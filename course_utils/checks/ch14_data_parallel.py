@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..checking import CheckFailure, Tester, exercise, load_optimizer_machinery
+from ..checking import CheckFailure, Tester, exercise
 from ..distributed import run_world
 
 CHAPTER = "14_data_parallel"
@@ -529,8 +529,6 @@ _DDP_STEPS = 3
     budget=10.0,
 )
 def _check_ddp(t: Tester) -> None:
-    # before the worlds fork: each rank builds SGD and torch's DDP, which import torch._dynamo
-    load_optimizer_machinery()
     for p, cap in _DDP_CASES:
         case = (
             f"world of {p} ranks, bucket_cap_mb={cap:g}, {_DDP_STEPS} SGD steps of 2 micro-batches"

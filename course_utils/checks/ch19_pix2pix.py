@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checking import Tester, exercise, load_optimizer_machinery
+from ..checking import Tester, exercise
+from ..distributed import load_optimizer_machinery
 
 CHAPTER = "19_pix2pix"
 Tensor = torch.Tensor
