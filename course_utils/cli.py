@@ -231,6 +231,18 @@ def cmd_gpu(args: argparse.Namespace) -> int:
     return gpu.main(argv)
 
 
+#: True in the installed ``course`` script: its top level is guarded, so multiprocessing may
+#: import it again in each grading child it forks (see ``grade._start_child``).
+console_script = False
+
+
+def console_main() -> int:
+    """Entry point of the installed ``course`` script."""
+    global console_script
+    console_script = True
+    return main()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``course`` command; return its exit code."""
     skip_unused_imports()

@@ -43,8 +43,9 @@ CSV_FIELDS = ("student", "notebook", "chapter", "exercise", "status", "message",
 #: Notebook-level outcomes; each exercise row (or one "*" row) carries it as its status.
 NOTEBOOK_PROBLEMS = ("timeout", "crashed", "malformed", "missing chapter")
 _SKIP_DIRS = {".ipynb_checkpoints", ".backups"}
-# Child graders running now (pid -> its kernel's pid file), so an interrupted batch can end them.
-_LIVE: dict[int, Path] = {}
+# Child graders running now (pid -> the child and its kernel's pid file), so an interrupted batch
+# can end them.
+_LIVE: dict[int, tuple[Any, Path]] = {}
 _LIVE_LOCK = threading.Lock()
 
 
@@ -240,10 +241,7 @@ def _run_child(
     # The kernel must import this very course_utils, not another one on its path.
     package_root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
-    cmd = [
-        sys.executable,
-        "-m",
-        "course_utils.grade_child",
+    argv = [
         str(copy),
         "--chapter",
         chapter,
@@ -262,52 +260,139 @@ def _run_child(
         str(box_file),
     ]
     if exercise:
-        cmd += ["--exercise", exercise]
-    with log.open("wb") as err:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=copy.parent,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-            start_new_session=True,
-        )
-        with _LIVE_LOCK:
-            _LIVE[proc.pid] = pid_file
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        argv += ["--exercise", exercise]
+    log.touch()  # a child that dies before it opens its log still leaves one to read
+    proc = _start_child(argv, str(copy.parent), env, log)
+    with _LIVE_LOCK:
+        _LIVE[proc.pid] = (proc, pid_file)
+    try:
+        if _wait(proc, timeout) is None:
             return {
                 "status": "timeout",
                 "message": f"the notebook did not finish within {timeout:g} s (an endless loop?)",
             }
-        finally:
-            # Also on Ctrl-C: nothing this notebook started may outlive its grading.
-            _end(proc.pid, pid_file)
-            proc.wait()
+    finally:
+        # Also on Ctrl-C: nothing this notebook started may outlive its grading.
+        _end(proc, pid_file)
+        code = _wait(proc)
     try:
         return json.loads(result_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()
         return {
             "status": "crashed",
-            "message": f"the grader process failed (exit {proc.returncode}): {tail[-1] if tail else 'no message'}",
+            "message": f"the grader process failed (exit {code}): {tail[-1] if tail else 'no message'}",
         }
 
 
-def _end(child: int, pid_file: Path) -> None:
-    _kill_group(child)
+def _start_child(argv: list[str], cwd: str, env: dict[str, str], log: Path) -> Any:
+    """Start the grading child: forked from the fork server where that is safe, else a fresh interpreter.
+
+    multiprocessing imports the parent's ``__main__`` again in a forked child; a script run by
+    path (``python grade_all.py``) may not guard its top level, so it gets fresh interpreters.
+    """
+    import multiprocessing as mp
+
+    main = sys.modules.get("__main__")
+    forkable = "forkserver" in mp.get_all_start_methods() and (
+        getattr(sys.modules.get("course_utils.cli"), "console_script", False)
+        or getattr(main, "__spec__", None) is not None  # run with -m
+        or getattr(main, "__file__", None) is None  # -c, a REPL, an embedding
+    )
+    if forkable:
+        proc = _child_context().Process(
+            target=_child_entry, args=(argv, cwd, env, str(log)), name="course-grade-child"
+        )
+        proc.start()
+        return proc
+    with log.open("ab") as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", "course_utils.grade_child", *argv],
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,
+        )
+
+
+def _wait(child: Any, timeout: float | None = None) -> int | None:
+    """The child's exit code, or None while it still runs after ``timeout`` seconds."""
+    if isinstance(child, subprocess.Popen):
+        try:
+            return child.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+    child.join(timeout)
+    return child.exitcode
+
+
+def _child_context() -> Any:
+    """Where grading children come from: a fork server that has the grader's imports loaded.
+
+    A fresh interpreter spends about 2.5 s of CPU importing torch, nbclient and the grader
+    before it can start a notebook's kernel; forked from multiprocessing's fork server, which
+    imported them once, a child starts at once. Where there is no fork server, a child is a
+    fresh interpreter (spawn), as before.
+    """
+    import multiprocessing as mp
+
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    # Only takes effect when the server starts (the first child of this process); the grading
+    # child module goes first so that its lean imports apply to everything after it.
+    ctx.set_forkserver_preload(list(_CHILD_PRELOAD))
+    return ctx
+
+
+#: What the fork server imports once for every grading child.
+_CHILD_PRELOAD = (
+    "course_utils.grade_child",
+    "torch",
+    "nbclient",
+    "jupyter_client.blocking",
+    "course_utils.kernel",
+    "course_utils.remote",
+)
+
+
+def _child_entry(argv: list[str], cwd: str, env: dict[str, str], log: str) -> None:
+    """Body of the grading child: its own session, folder, environment and stderr, then the grading."""
+    # A session of its own: a timeout ends the child and everything it started with one killpg.
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    err = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    for fd, target in ((0, null), (1, null), (2, err)):
+        os.dup2(target, fd)
+    os.close(null)
+    os.close(err)
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    sys.exit(_child_main(argv))
+
+
+def _end(child: Any, pid_file: Path) -> None:
+    """Kill the grading child, everything in its session, and its kernel's session."""
+    if _wait(child, 0) is None:
+        child.kill()  # also a forked child stopped before it made its session
+    # The child's group has its pid once the child made its session, and while the group lives
+    # no new process can get that pid: killing it cannot hit anything else, not even the grader
+    # when the child was stopped before its setsid.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(child.pid, signal.SIGKILL)
     # jupyter_client starts the kernel in a session of its own: end it and anything it spawned.
     _kill_group(_read_pid(pid_file))
     with _LIVE_LOCK:
-        _LIVE.pop(child, None)
+        _LIVE.pop(child.pid, None)
 
 
 def _end_all() -> None:
     """End every child grader still running and its kernel (the batch was interrupted)."""
     with _LIVE_LOCK:
-        live = list(_LIVE.items())
+        live = list(_LIVE.values())
     for child, pid_file in live:
         _end(child, pid_file)
 

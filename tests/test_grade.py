@@ -190,6 +190,40 @@ def test_endless_loop_times_out_and_the_batch_goes_on(tmp_path: Path) -> None:
     assert (tmp_path / "j.xml").exists() and not (tmp_path / "g.xml").exists()
 
 
+# ---- the grading child: forked from a fork server, or a fresh interpreter --------------------
+
+
+def test_a_child_forked_here_reports_its_errors_in_its_log(tmp_path: Path) -> None:
+    import multiprocessing
+
+    # pytest's process may fork children (its __main__ is a module or -c): no interpreter start
+    log = tmp_path / "stderr.txt"
+    child = grade._start_child(["--no-such-option"], str(tmp_path), {"PATH": "/usr/bin"}, log)
+    assert isinstance(child, multiprocessing.process.BaseProcess)
+    assert grade._wait(child, 60) == 2
+    assert "the following arguments are required: notebook" in log.read_text()
+
+
+@pytest.mark.slow
+def test_a_script_run_by_path_grades_in_fresh_interpreters(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = write(tmp_path / "subs" / f"{CHAPTER}.ipynb", notebook(IMPORTS, SOFTMAX))
+    # No `if __name__ == "__main__"` guard: a forked child would run this script again.
+    script = tmp_path / "grade_all.py"
+    script.write_text(
+        "from course_utils import grade\n"
+        f"result = grade.grade_notebook({str(path)!r}, timeout=120, exercise='softmax')\n"
+        "print(result.status, result.rows[0]['status'])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=180, check=False
+    )
+    assert done.returncode == 0, done.stderr[-800:]
+    assert done.stdout.split() == ["graded", "passed"], done.stdout + done.stderr[-800:]
+
+
 # ---- one learner cannot reach another, nor the grader's files --------------------------------
 
 
