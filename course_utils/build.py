@@ -14,7 +14,10 @@ copy it reports "pending" until the learner writes the function. Answers in
 markdown cells go between ``<!-- BEGIN SOLUTION -->`` and ``<!-- END SOLUTION -->``
 and become "*Your answer here.*". Outputs are never copied. Run ``course build``
 after editing a solution and commit both notebooks; ``course build --check`` (CI)
-fails when they disagree.
+fails when they disagree. A code cell that repeats an earlier experiment with other
+settings (an ablation, a sweep) may carry the cell metadata ``{"course": {"repeat":
+"<what it repeats>"}}``: CI then runs it in the solution notebook only (see
+``course_utils.nbval_mode``).
 
 A student notebook records ``course.content_hash`` (see ``content_hash``): any change a
 learner makes to a cell's source, type, attachments or metadata (tags included), or to

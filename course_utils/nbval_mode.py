@@ -9,6 +9,10 @@ Test files and notebooks run longest first, by the seconds ``.ci/durations.json`
 --no-loadscope-reorder``) end the run on short items, not one of them alone on a long
 notebook; without that table, notebooks marked long (metadata ``course.long``) go first.
 
+In course/ notebooks, a cell marked ``course.repeat`` in its metadata (an experiment an earlier
+cell already ran, repeated with other settings) is skipped with its reason: CI runs it, unchanged,
+in the solution twin, and in the student twin it would only train the same models again.
+
 In course/ notebooks it also checks the stubs, at no extra cost: every cell that calls
 ``cu.check(...)`` must report its exercise as pending. A stub that returns instead of
 raising NotImplementedError (or leaks a solution) fails that cell, while nbval itself
@@ -21,6 +25,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,6 +43,13 @@ def strict_value(path: Path) -> str | None:
         if part in _MODES:
             return _MODES[part]
     return None
+
+
+def repeat_reason(cell: Any) -> str | None:
+    """What a cell marked ``course.repeat`` repeats (its cell metadata), or None."""
+    course = (getattr(cell, "metadata", None) or {}).get("course")
+    reason = course.get("repeat") if isinstance(course, dict) else None
+    return reason if isinstance(reason, str) and reason.strip() else None
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -64,12 +76,20 @@ def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Longest recorded files first (unknown ones before them), long notebooks first among ties."""
+    """Longest recorded files first (unknown ones before them), long notebooks first among ties.
+
+    Also marks skipped, in course/ notebooks, the cells marked ``course.repeat``.
+    """
     long: dict[Path, bool] = {}
     for item in items:
         path = Path(str(item.path))
         if path.suffix == ".ipynb" and path not in long:
             long[path] = is_long(path)
+        reason = repeat_reason(getattr(item, "cell", None))
+        if reason and strict_value(path) == "0":
+            # Its code is its solution twin's, which CI runs in strict mode, and it reaches the
+            # learner's functions only through helpers this notebook already ran in learn mode.
+            item.add_marker(pytest.mark.skip(reason=f"repeats {reason}; CI runs it in solutions/"))
     by_duration = order_key(load_durations(Path(config.rootpath)))
     items.sort(
         key=lambda item: (

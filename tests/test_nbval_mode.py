@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -114,9 +115,13 @@ def test_kernels_see_the_mode_and_other_tests_do_not(tmp_path: Path) -> None:
             f"assert os.environ.get('COURSE_STRICT') == {want!r}, os.environ.get('COURSE_STRICT')\n"
             "assert os.environ.get('MPLBACKEND') == 'Agg'"
         )
+        # a repeated experiment: run in solutions/, skipped in course/
+        repeat = new_code_cell(
+            "open('repeat_ran', 'w').close()", metadata={"course": {"repeat": "the run above"}}
+        )
         (tmp_path / folder).mkdir()
         nbformat.write(
-            new_notebook(cells=[new_code_cell(source)]), tmp_path / folder / "01_x.ipynb"
+            new_notebook(cells=[new_code_cell(source), repeat]), tmp_path / folder / "01_x.ipynb"
         )
     (tmp_path / "test_after.py").write_text(
         "import os\n\ndef test_env_restored():\n    assert 'COURSE_STRICT' not in os.environ\n"
@@ -131,6 +136,7 @@ def test_kernels_see_the_mode_and_other_tests_do_not(tmp_path: Path) -> None:
             "pytest",
             *plugins,
             "--nbval-lax",
+            "-rs",
             "solutions",
             "course",
             "test_after.py",
@@ -142,7 +148,40 @@ def test_kernels_see_the_mode_and_other_tests_do_not(tmp_path: Path) -> None:
         timeout=300,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    assert "3 passed" in done.stdout
+    assert "4 passed, 1 skipped" in done.stdout
+    assert "course/01_x.ipynb: repeats the run above; CI runs it in solutions/" in done.stdout
+    assert (tmp_path / "solutions" / "repeat_ran").exists()
+    assert not (tmp_path / "course" / "repeat_ran").exists()
+
+
+def test_a_repeat_skipped_in_a_student_notebook_is_its_solution_cell_and_calls_no_exercise() -> (
+    None
+):
+    """What CI leaves out of a student notebook must be run, unchanged, in its solution twin."""
+    from course_utils import checking
+    from course_utils.nbval_mode import repeat_reason
+
+    root = Path(__file__).resolve().parents[1]
+    marked = 0
+    for path in sorted((root / "course").glob("[0-9][0-9]_*.ipynb")):
+        student = nbformat.read(path, as_version=4)
+        solution = nbformat.read(root / "solutions" / path.name, as_version=4)
+        twins = {c.source: c for c in solution.cells if repeat_reason(c)}
+        ids = [e.id for e in checking.exercises(path.name[:2])]
+        code = [c for c in student.cells if c.cell_type == "code"]
+        for n, cell in enumerate(code):
+            if not repeat_reason(cell):
+                continue
+            marked += 1
+            where = f"{path.name}, code cell {n}"
+            assert n > 0 and not repeat_reason(code[0]), where
+            assert cell.source in twins, f"{where}: not its solution cell, or not marked there"
+            assert "cu.check" not in cell.source, f"{where}: a check cell is never skipped"
+            called = [i for i in ids if re.search(rf"\b{i}\b", cell.source)]
+            assert not called, f"{where} names the exercise {called}: it would skip learner code"
+        for cell in student.cells:
+            assert cell.cell_type == "code" or not repeat_reason(cell), path.name
+    assert marked >= 1  # the rule is in use, so this test can fail
 
 
 @pytest.mark.slow
