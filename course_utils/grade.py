@@ -329,17 +329,14 @@ def _wait(child: Any, timeout: float | None = None) -> int | None:
 
 
 def _child_context() -> Any:
-    """Where grading children come from: a fork server that has the grader's imports loaded.
+    """Where forked grading children come from: a fork server with the grader's imports loaded.
 
     A fresh interpreter spends about 2.5 s of CPU importing torch, nbclient and the grader
     before it can start a notebook's kernel; forked from multiprocessing's fork server, which
-    imported them once, a child starts at once. Where there is no fork server, a child is a
-    fresh interpreter (spawn), as before.
+    imported them once, a child starts at once.
     """
     import multiprocessing as mp
 
-    if "forkserver" not in mp.get_all_start_methods():
-        return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     # Only takes effect when the server starts (the first child of this process); the grading
     # child module goes first so that its lean imports apply to everything after it.
